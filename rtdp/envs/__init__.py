@@ -1,0 +1,142 @@
+"""Gymnasium environments registered under the ``rtdp/`` namespace, and their experts.
+
+``import rtdp.envs`` registers every task with gymnasium without importing any
+simulator; the simulator loads when an environment is made. The registry is
+open: another package can call :func:`register_task` with its own spec.
+
+Every environment returns a dict observation whose keys match the arrays of
+the zarr replay buffer (Diffusion Policy's names where it has them), reports
+``info["is_success"]`` and ``info["score"]`` on every step, and renders RGB
+frames with ``render()``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from rtdp.errors import UnknownNameError
+
+
+class Expert(Protocol):
+    """A scripted demonstrator bound to one environment instance."""
+
+    def reset(self) -> None:
+        """Forget any plan; call after every ``env.reset``."""
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """Return the next action, in the environment's action units."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the pipeline needs to know about one task.
+
+    Attributes:
+        name: task name used on the command line (``task=pusht``).
+        env_id: gymnasium id, e.g. ``"rtdp/PushT-v0"``.
+        env_kwargs: keyword arguments for ``gymnasium.make``.
+        lowdim_keys: observation keys the policy consumes as vectors.
+        image_keys: observation keys that are ``(H, W, 3)`` uint8 images.
+        action_dim: size of one action.
+        max_steps: episode length for evaluation.
+        eval_seeds: the seeds evaluation runs on, in order.
+        expert: ``"module:Class"`` of the scripted expert; built with the env.
+        dataset_aliases: derived keys for datasets that lack them,
+            ``{key: (source_key, slice_start, slice_stop)}``; e.g. PushT's
+            ``agent_pos`` is ``state[:, 0:2]`` in Diffusion Policy's zarr.
+    """
+
+    name: str
+    env_id: str
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    lowdim_keys: tuple[str, ...] = ()
+    image_keys: tuple[str, ...] = ()
+    action_dim: int = 2
+    max_steps: int = 300
+    eval_seeds: tuple[int, ...] = tuple(range(100000, 100050))
+    expert: str = ""
+    dataset_aliases: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+
+
+TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec, entry_point: str | None = None) -> None:
+    """Add a task to the registry and, if given, its env to gymnasium."""
+    import gymnasium
+
+    TASKS[spec.name] = spec
+    if entry_point is not None and spec.env_id not in gymnasium.registry:
+        gymnasium.register(spec.env_id, entry_point=entry_point, max_episode_steps=spec.max_steps)
+
+
+def get_task(name: str) -> TaskSpec:
+    """Look a task up by name, with a typed error listing the known ones."""
+    if name not in TASKS:
+        raise UnknownNameError("task", name, list(TASKS))
+    return TASKS[name]
+
+
+def make(task: str | TaskSpec, **overrides: Any):
+    """Create the gymnasium environment of a task (its simulator loads here)."""
+    import gymnasium
+
+    spec = get_task(task) if isinstance(task, str) else task
+    kwargs = {**spec.env_kwargs, **overrides}
+    return gymnasium.make(spec.env_id, **kwargs)
+
+
+def expert(env) -> Expert:
+    """Build the scripted expert for an environment made by :func:`make`."""
+    env_id = env.spec.id if env.spec is not None else None
+    for spec in TASKS.values():
+        if spec.env_id == env_id and spec.expert:
+            module, cls = spec.expert.split(":")
+            return getattr(importlib.import_module(module), cls)(env)
+    raise UnknownNameError("expert for env", str(env_id), [s.env_id for s in TASKS.values() if s.expert])
+
+
+_PUSHT_KP = ("keypoint", "agent_pos")
+
+register_task(
+    TaskSpec(
+        name="pusht",
+        env_id="rtdp/PushT-v0",
+        env_kwargs={"obs_mode": "state"},
+        lowdim_keys=_PUSHT_KP,
+        action_dim=2,
+        max_steps=300,
+        expert="rtdp.envs.pusht:PushTExpert",
+        dataset_aliases={"agent_pos": ("state", 0, 2)},
+    ),
+    entry_point="rtdp.envs.pusht:PushTEnv",
+)
+register_task(
+    TaskSpec(
+        name="pusht_image",
+        env_id="rtdp/PushT-v0",
+        env_kwargs={"obs_mode": "image"},
+        lowdim_keys=("agent_pos",),
+        image_keys=("img",),
+        action_dim=2,
+        max_steps=300,
+        expert="rtdp.envs.pusht:PushTExpert",
+        dataset_aliases={"agent_pos": ("state", 0, 2)},
+    ),
+)
+register_task(
+    TaskSpec(
+        name="lift",
+        env_id="rtdp/Lift-v0",
+        lowdim_keys=("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"),
+        action_dim=7,
+        max_steps=400,
+        eval_seeds=tuple(range(100000, 100050)),
+        expert="rtdp.envs.lift:LiftExpert",
+    ),
+    entry_point="rtdp.envs.lift:LiftEnv",
+)
