@@ -1,0 +1,103 @@
+"""``rtdp <verb> [key=value ...]``: every verb is a hydra config plus a ``run(cfg)``.
+
+The verb picks ``rtdp/configs/<verb>.yaml``; the remaining arguments are hydra
+overrides. An override of a key the config does not have is an error, never a
+silent no-op. ``--json PATH`` is accepted as a spelling of ``json=PATH``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+from rtdp.errors import ConfigError, RtdpError, UnknownNameError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+VERBS = ("collect", "train", "eval", "demo")
+
+USAGE = """usage: rtdp <verb> [key=value ...]
+
+verbs:
+  demo      collect/reuse demonstrations, train/reuse a checkpoint, evaluate, report
+  collect   roll out a task's scripted expert into a zarr replay buffer
+  train     train a diffusion policy from a zarr replay buffer
+  eval      evaluate a checkpoint (or the expert) on the task's evaluation seeds
+
+examples:
+  rtdp demo out=outputs/demo
+  rtdp collect task=pusht episodes=200 out=data/pusht.zarr
+  rtdp train task=pusht data=data/pusht.zarr out=runs/pusht
+  rtdp eval checkpoint=runs/pusht/checkpoint episodes=50 sampler=ddim steps=10 json=eval.json
+"""
+
+
+def _normalise_args(args: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--") and "=" not in a and i + 1 < len(args):
+            out.append(f"{a[2:]}={args[i + 1]}")
+            i += 2
+            continue
+        out.append(a[2:] if a.startswith("--") else a)
+        i += 1
+    return out
+
+
+def compose(verb: str, overrides: list[str]):
+    """Compose the config of a verb with overrides; typed errors for bad ones."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if verb not in VERBS:
+        raise UnknownNameError("verb", verb, list(VERBS))
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"argument {o!r} is not key=value; see `rtdp --help`")
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = hydra_compose(config_name=verb, overrides=overrides)
+    except MissingConfigException as exc:
+        first = str(exc).splitlines()[0]
+        options = getattr(exc, "options", None) or []
+        hint = f"; available: {', '.join(sorted(options))}" if options else ""
+        raise ConfigError(f"{first}{hint}") from None
+    except (ConfigCompositionException, OmegaConfBaseException) as exc:
+        msg = str(exc).splitlines()[0]
+        cause = exc.__cause__
+        if cause is not None:
+            msg += f": {str(cause).splitlines()[0]}"
+        raise ConfigError(f"bad override for `rtdp {verb}`: {msg}") from None
+    missing = [k for k in OmegaConf.missing_keys(cfg)]
+    if missing:
+        raise ConfigError(f"`rtdp {verb}` needs {', '.join(f'{k}=...' for k in missing)}")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rtdp`` command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    verb, overrides = args[0], _normalise_args(args[1:])
+    try:
+        cfg = compose(verb, overrides)
+        module = importlib.import_module(f"rtdp.workflows.{verb}")
+        module.run(cfg)
+    except RtdpError as exc:
+        print(f"rtdp {verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rtdp {verb}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Wrappers that turn trained networks into the core's denoiser contract.
+
+Every rtdp sampler calls ``denoiser(x, sigma, cond) -> x0_hat`` in the
+variance-exploding parametrisation ``x = x0 + sigma * eps``. Networks trained
+in diffusers' variance-preserving discrete form are wrapped once here
+(k-diffusion's ``DiscreteEpsDDPMDenoiser``), so any sampler runs any model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from rtdp.core.schedules import _sigma_to_t_log, sigmas_from_alphas_cumprod
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+class DiscreteEpsDenoiser(nn.Module):
+    """Denoiser over an epsilon-prediction network with integer timesteps.
+
+    The network sees diffusers' input ``x_t = x * sqrt(abar_t)`` and timestep
+    ``t`` (the training step whose sigma is nearest in log space, or a
+    fractional step with ``quantize=False``); its noise estimate becomes
+    ``x0_hat = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)``, the same
+    expression diffusers' schedulers evaluate, then optionally clipped as
+    diffusers clips ``pred_original_sample``.
+
+    Network evaluations are counted in ``nfe`` (reset it with ``reset_nfe``)
+    so a benchmark can report evaluations per chunk.
+
+    Args:
+        model: ``model(x_t, t, cond) -> eps``; x_t (B, T, D), t (B,) or (B, T)
+            (same shape as the sigma given to the denoiser), eps (B, T, D).
+        alphas_cumprod: abar table of the training schedule, shape (N,).
+        clip_x0: clamp x0_hat to [-clip_x0, clip_x0]; None disables it.
+        quantize: feed integer timesteps (what a DDPM-trained model has seen);
+            False feeds log-sigma-interpolated fractional steps, for samplers
+            whose sigmas fall between training levels.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | EpsModel,
+        alphas_cumprod: torch.Tensor,
+        clip_x0: float | None = 1.0,
+        *,
+        quantize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.clip_x0 = None if clip_x0 is None else float(clip_x0)
+        self.quantize = bool(quantize)
+        self.nfe = 0
+        ac = alphas_cumprod.detach().to(torch.float32)
+        sig = sigmas_from_alphas_cumprod(ac)
+        # Tables are precomputed so a call costs a lookup, not a schedule rebuild.
+        self.register_buffer("alphas_cumprod", ac, persistent=False)
+        self.register_buffer("log_sigmas", sig.log(), persistent=False)
+        self.register_buffer("sqrt_alphas_cumprod", ac.sqrt(), persistent=False)
+        self.register_buffer("sqrt_one_minus_alphas_cumprod", (1 - ac).sqrt(), persistent=False)
+
+    @property
+    def sigma_min(self) -> float:
+        """Smallest nonzero noise level of the training schedule."""
+        return float(self.log_sigmas[0].exp())
+
+    @property
+    def sigma_max(self) -> float:
+        """Largest noise level of the training schedule."""
+        return float(self.log_sigmas[-1].exp())
+
+    def reset_nfe(self) -> None:
+        """Set the network-evaluation counter to zero."""
+        self.nfe = 0
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Timestep(s) fed to the network for noise level(s) ``sigma`` (any shape)."""
+        return _sigma_to_t_log(sigma, self.log_sigmas, self.quantize)
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Network timestep and the VP coefficients for ``sigma``.
+
+        Args:
+            sigma: (B,) or (B, T).
+
+        Returns:
+            (t, sqrt(abar), sqrt(1 - abar)), each of sigma's shape; t int64
+            when quantized. Quantized coefficients come from the float32
+            table, matching diffusers' arithmetic exactly.
+        """
+        t = self.sigma_to_t(sigma)
+        if self.quantize:
+            return t, self.sqrt_alphas_cumprod[t], self.sqrt_one_minus_alphas_cumprod[t]
+        ac = 1.0 / (1.0 + sigma.double() ** 2)
+        return t, ac.sqrt().float(), (1 - ac).sqrt().float()
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """Denoise.
+
+        Args:
+            x: VE-space sample, (B, T, D).
+            sigma: noise level per trajectory (B,) or per position (B, T).
+            cond: passed to the network unchanged (e.g. global conditioning (B, C)).
+
+        Returns:
+            x0_hat, (B, T, D), dtype of ``x``.
+        """
+        t, c_in, c_noise = self.scalings(sigma)
+        # Broadcast (B,) -> (B, 1, 1) and (B, T) -> (B, T, 1).
+        shape = sigma.shape + (1,) * (x.ndim - sigma.ndim)
+        c_in = c_in.to(x.dtype).reshape(shape)
+        c_noise = c_noise.to(x.dtype).reshape(shape)
+        x_t = x * c_in
+        eps = self.model(x_t, t, cond)
+        self.nfe += 1
+        x0 = (x_t - c_noise * eps) / c_in
+        if self.clip_x0 is not None:
+            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+        return x0

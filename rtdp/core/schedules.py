@@ -1,0 +1,206 @@
+"""Discrete DDPM noise schedules and their sigma (VE) view.
+
+A discrete-time DDPM model is trained on ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``
+for integer ``t`` in ``[0, N)``. Dividing by ``sqrt(abar_t)`` gives the
+variance-exploding form ``x = x0 + sigma_t eps`` with
+``sigma_t = sqrt((1 - abar_t) / abar_t)`` (Karras et al. 2022, k-diffusion),
+which is the form every rtdp sampler works in. The tables here reproduce
+diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` bit for bit so that a model
+trained with diffusers (or with Diffusion Policy) samples identically here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rtdp.errors import ConfigError
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def _cosine_alpha_bar(t: float) -> float:
+    # Nichol & Dhariwal 2021 (improved DDPM), offset s = 0.008.
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def make_betas(
+    num_train_timesteps: int,
+    beta_schedule: str = "squaredcos_cap_v2",
+    *,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    max_beta: float = 0.999,
+) -> torch.Tensor:
+    """DDPM beta table as diffusers builds it.
+
+    Args:
+        num_train_timesteps: number of discrete training steps N.
+        beta_schedule: one of ``BETA_SCHEDULES``.
+        beta_start: first beta of the linear schedules.
+        beta_end: last beta of the linear schedules.
+        max_beta: cap of the cosine schedule (its last beta would otherwise be 1).
+
+    Returns:
+        betas, shape (N,), float32.
+
+    Raises:
+        ConfigError: unknown schedule name or non-positive N.
+    """
+    if int(num_train_timesteps) < 1:
+        raise ConfigError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+    n = int(num_train_timesteps)
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        # Computed in Python floats and rounded once to float32, as diffusers does.
+        betas = [
+            min(1 - _cosine_alpha_bar((i + 1) / n) / _cosine_alpha_bar(i / n), max_beta) for i in range(n)
+        ]
+        return torch.tensor(betas, dtype=torch.float32)
+    raise ConfigError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {beta_schedule!r}")
+
+
+def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
+    """Cumulative product abar_t = prod_{s<=t} (1 - beta_s).
+
+    Args:
+        betas: shape (N,).
+
+    Returns:
+        abar, shape (N,), same dtype as ``betas`` (float32 keeps parity with diffusers).
+    """
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def make_alphas_cumprod(num_train_timesteps: int, beta_schedule: str = "squaredcos_cap_v2", **kwargs) -> torch.Tensor:
+    """Shortcut for ``alphas_cumprod_from_betas(make_betas(...))``; shape (N,), float32."""
+    return alphas_cumprod_from_betas(make_betas(num_train_timesteps, beta_schedule, **kwargs))
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) for every training step.
+
+    Args:
+        alphas_cumprod: shape (N,).
+
+    Returns:
+        sigmas, shape (N,), float64 (increasing in t).
+    """
+    ac = alphas_cumprod.double()
+    return ((1 - ac) / ac).sqrt()
+
+
+def sigma_to_alpha_cumprod(sigma: torch.Tensor) -> torch.Tensor:
+    """Inverse of the sigma map: abar = 1 / (1 + sigma^2). Any shape."""
+    return 1.0 / (1.0 + sigma**2)
+
+
+def t_to_sigma(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Noise level of (possibly fractional) timesteps.
+
+    Integer ``t`` reads the table; fractional ``t`` interpolates log-sigma
+    linearly between neighbours (k-diffusion's ``DiscreteSchedule.t_to_sigma``).
+
+    Args:
+        t: timesteps in [0, N-1], any shape.
+        alphas_cumprod: shape (N,).
+
+    Returns:
+        sigma, shape of ``t``, float64.
+    """
+    log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).log().to(t.device)
+    t = t.double().clamp(0, log_sigmas.numel() - 1)
+    low = t.floor().long()
+    high = (low + 1).clamp(max=log_sigmas.numel() - 1)
+    w = t - low
+    return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+
+
+def sigma_to_t(sigma: torch.Tensor, alphas_cumprod: torch.Tensor, *, quantize: bool = True) -> torch.Tensor:
+    """Timestep of a noise level.
+
+    Args:
+        sigma: noise levels, any shape, > 0.
+        alphas_cumprod: shape (N,).
+        quantize: return the nearest integer step (in log-sigma) as int64;
+            otherwise a float64 step interpolated in log-sigma.
+
+    Returns:
+        t, shape of ``sigma``.
+    """
+    log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).log().to(sigma.device)
+    return _sigma_to_t_log(sigma, log_sigmas, quantize)
+
+
+def _sigma_to_t_log(sigma: torch.Tensor, log_sigmas: torch.Tensor, quantize: bool) -> torch.Tensor:
+    log_sigma = sigma.to(log_sigmas.dtype).clamp_min(1e-30).log()
+    dists = log_sigma.unsqueeze(-1) - log_sigmas
+    if quantize:
+        return dists.abs().argmin(dim=-1)
+    # Interpolate between the two table entries that bracket log_sigma.
+    low = (dists >= 0).cumsum(dim=-1).argmax(dim=-1).clamp(max=log_sigmas.numel() - 2)
+    high = low + 1
+    lo, hi = log_sigmas[low], log_sigmas[high]
+    w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+    return (1 - w) * low + w * high
+
+
+def leading_timesteps(num_train_timesteps: int, steps: int, steps_offset: int = 0) -> torch.Tensor:
+    """diffusers' default ("leading") inference timesteps, decreasing.
+
+    Args:
+        num_train_timesteps: N.
+        steps: number of inference steps, 1..N.
+        steps_offset: added to every timestep (diffusers' ``steps_offset``).
+
+    Returns:
+        timesteps, shape (steps,), int64, e.g. N=100, steps=10 -> [90, 80, ..., 0].
+
+    Raises:
+        ConfigError: steps outside 1..N.
+    """
+    if not 1 <= int(steps) <= int(num_train_timesteps):
+        raise ConfigError(f"steps must be between 1 and num_train_timesteps={num_train_timesteps}, got {steps}")
+    ratio = int(num_train_timesteps) // int(steps)
+    return torch.arange(int(steps), dtype=torch.int64).flip(0) * ratio + int(steps_offset)
+
+
+def _sigmas_for_timesteps(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    sig = sigmas_from_alphas_cumprod(alphas_cumprod)[timesteps]
+    # The step after t=0 lands on abar = 1 (diffusers' `one` / set_alpha_to_one), i.e. sigma = 0.
+    return torch.cat([sig, sig.new_zeros(1)])
+
+
+def sigmas_ddpm(alphas_cumprod: torch.Tensor, steps: int, *, steps_offset: int = 0) -> torch.Tensor:
+    """Decreasing sigma schedule of diffusers' ``DDPMScheduler`` with ``steps`` inference steps.
+
+    Args:
+        alphas_cumprod: shape (N,).
+        steps: inference steps, 1..N ("leading" spacing).
+        steps_offset: diffusers' ``steps_offset``.
+
+    Returns:
+        sigmas, shape (steps + 1,), float64, last entry 0.
+    """
+    return _sigmas_for_timesteps(alphas_cumprod, leading_timesteps(alphas_cumprod.numel(), steps, steps_offset))
+
+
+def sigmas_ddim(alphas_cumprod: torch.Tensor, steps: int, *, steps_offset: int = 0) -> torch.Tensor:
+    """Decreasing sigma schedule of diffusers' ``DDIMScheduler`` (``set_alpha_to_one=True``).
+
+    With "leading" spacing DDIM's previous timestep ``t - N // steps`` is the
+    next entry of the DDPM list, so the two schedules coincide.
+
+    Args:
+        alphas_cumprod: shape (N,).
+        steps: inference steps, 1..N.
+        steps_offset: diffusers' ``steps_offset``.
+
+    Returns:
+        sigmas, shape (steps + 1,), float64, last entry 0.
+    """
+    return sigmas_ddpm(alphas_cumprod, steps, steps_offset=steps_offset)

@@ -1,0 +1,232 @@
+"""``rtdp eval``: success, score and latency of a checkpoint (or the expert).
+
+Success and score come from episodes run in lockstep on the task's
+evaluation seeds; latency is measured separately at batch 1, after warm-up,
+with torch threads set to the physical core count, as DESIGN.md defines it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from rtdp.envs import TaskSpec, get_task
+from rtdp.errors import CheckpointError
+from rtdp.workflows.metrics import percentiles_ms, wilson_interval
+from rtdp.workflows.report import plot_eval, print_table, write_video
+from rtdp.workflows.rollout import RolloutResult, rollout_expert, rollout_policy
+
+
+def load_checkpoint(path: str | Path):
+    """Load a policy checkpoint and the task it was trained on.
+
+    Returns:
+        (policy, meta): the policy in eval mode and ``meta.json``'s content
+        (``{}`` when the folder has none).
+    """
+    from rtdp.policies.diffusion_unet import DiffusionUnetPolicy
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist; pass checkpoint=<run>/checkpoint")
+    policy = DiffusionUnetPolicy.from_pretrained(path).eval()
+    meta_path = path / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return policy, meta
+
+
+def _obs_keys(policy) -> list[str]:
+    return [*policy.config.lowdim_shapes, *policy.config.image_shapes]
+
+
+def evaluate_checkpoint_policy(
+    policy,
+    task: TaskSpec,
+    seeds: Sequence[int],
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    batch: int = 50,
+    record_first: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+) -> RolloutResult:
+    """Roll a policy out on ``seeds``; its sampling noise comes from its own generator."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def predict(obs: dict[str, np.ndarray]) -> np.ndarray:
+        out = policy.predict_action_chunk(obs, sampler=sampler, steps=steps, generator=generator)
+        return out.detach().cpu().numpy()
+
+    was_training = policy.training
+    policy.eval()
+    try:
+        return rollout_policy(
+            predict, task, seeds, n_obs_steps=policy.config.n_obs_steps, obs_keys=_obs_keys(policy),
+            batch=batch, record_first=record_first, progress=progress,
+        )
+    finally:
+        policy.train(was_training)
+
+
+def measure_latency(policy, task: TaskSpec, *, sampler: str | None, steps: int | None, calls: int = 50,
+                    warmup: int = 5) -> dict[str, Any]:
+    """Wall time of ``predict_action_chunk`` at batch 1 on a real observation."""
+    import torch
+
+    from rtdp.envs import make
+
+    env = make(task)
+    try:
+        obs, _ = env.reset(seed=int(task.eval_seeds[0]))
+    finally:
+        env.close()
+    keys = _obs_keys(policy)
+    batch = {k: np.stack([obs[k]] * policy.config.n_obs_steps)[None] for k in keys}
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + calls):
+            t0 = time.perf_counter()
+            policy.predict_action_chunk(batch, sampler=sampler, steps=steps, generator=generator)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    p50, p99 = percentiles_ms(times)
+    return {
+        "nfe_per_chunk": int(policy.last_nfe),
+        "latency_ms_p50": p50,
+        "latency_ms_p99": p99,
+        "ms_per_action": p50 / policy.config.n_action_steps,
+        "latency_samples_ms": [t * 1e3 for t in times],
+    }
+
+
+def evaluate(
+    checkpoint: str | Path | None,
+    *,
+    task_name: str | None = None,
+    episodes: int = 50,
+    sampler: str | None = None,
+    steps: int | None = None,
+    out: str | Path | None = None,
+    video: bool = True,
+    batch: int = 50,
+    latency_calls: int = 50,
+    threads: int = 2,
+    seed: int = 0,
+    use_expert: bool = False,
+) -> dict[str, Any]:
+    """Evaluate and return the report dict (DESIGN.md's keys for ``rtdp eval``)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if use_expert:
+        task = get_task(task_name or "pusht")
+        policy, meta = None, {}
+    else:
+        if checkpoint is None:
+            raise CheckpointError("rtdp eval needs checkpoint=<folder> (or expert=true task=<name>)")
+        policy, meta = load_checkpoint(checkpoint)
+        task = get_task(task_name or meta.get("task") or "pusht")
+    seeds = list(task.eval_seeds)[:episodes]
+    if len(seeds) < episodes:
+        seeds = list(range(int(task.eval_seeds[0]), int(task.eval_seeds[0]) + episodes))
+    out_dir = Path(out) if out is not None else (Path(checkpoint).parent / "eval" if checkpoint else Path("outputs/eval"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    if use_expert:
+        result = rollout_expert(task, seeds, record_first=video)
+        per_action_ms = 1e3 * result.wall_s / max(1, sum(e.length for e in result.episodes))
+        lat = {"nfe_per_chunk": 0, "latency_ms_p50": per_action_ms, "latency_ms_p99": None,
+               "ms_per_action": per_action_ms, "latency_samples_ms": []}
+        sampler_name, steps_used = "expert", None
+    else:
+        sampler_name = sampler or policy.config.sampler
+        steps_used = int(steps or policy.config.num_inference_steps)
+        result = evaluate_checkpoint_policy(policy, task, seeds, sampler=sampler_name, steps=steps_used,
+                                            batch=batch, record_first=video, seed=seed)
+        lat = measure_latency(policy, task, sampler=sampler_name, steps=steps_used, calls=latency_calls)
+
+    n_ok = result.n_success
+    ci = wilson_interval(n_ok, len(result.episodes))
+    video_path = None
+    if video and result.frames:
+        fps = 10 if task.name.startswith("pusht") else 20
+        video_path = str(write_video(result.frames, out_dir / f"rollout_{task.name}_seed{seeds[0]}", fps))
+    plot_path = str(plot_eval(out_dir / "eval.png", [e.score for e in result.episodes],
+                              [e.success for e in result.episodes], lat["latency_samples_ms"],
+                              f"{task.name}: {sampler_name}-{steps_used}"))
+    report = {
+        "task": task.name,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "sampler": sampler_name,
+        "steps": steps_used,
+        "episodes": len(result.episodes),
+        "success_rate": result.success_rate,
+        "success_ci95": list(ci),
+        "mean_score": result.mean_score,
+        "nfe_per_chunk": lat["nfe_per_chunk"],
+        "latency_ms_p50": lat["latency_ms_p50"],
+        "latency_ms_p99": lat["latency_ms_p99"],
+        "ms_per_action": lat["ms_per_action"],
+        "threads": threads,
+        "eval_wall_s": round(result.wall_s, 1),
+        "video": video_path,
+        "plot": plot_path,
+        "per_episode": [e.__dict__ for e in result.episodes],
+    }
+    if meta:
+        report["train"] = {k: meta.get(k) for k in ("n_episodes", "train_steps", "train_time_s", "data") if k in meta}
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    lo, hi = report["success_ci95"]
+    rows = [
+        ("task", report["task"]),
+        ("policy", report["checkpoint"] or "scripted expert"),
+        ("sampler", f"{report['sampler']}-{report['steps']}" if report["steps"] else report["sampler"]),
+        ("episodes", str(report["episodes"])),
+        ("success rate", f"{report['success_rate']:.1%}  (95% CI {lo:.1%}-{hi:.1%})"),
+        ("mean score", f"{report['mean_score']:.3f}"),
+        ("NFE per chunk", str(report["nfe_per_chunk"])),
+    ]
+    if report["latency_ms_p99"] is not None:
+        rows += [("latency per chunk", f"{report['latency_ms_p50']:.1f} ms median, {report['latency_ms_p99']:.1f} ms p99"),
+                 ("per executed action", f"{report['ms_per_action']:.2f} ms")]
+    else:
+        rows += [("per action", f"{report['ms_per_action']:.2f} ms")]
+    if report.get("video"):
+        rows.append(("video", report["video"]))
+    rows.append(("plot", report["plot"]))
+    print_table(f"rtdp eval: {report['task']}", rows)
+
+
+def run(cfg) -> dict[str, Any]:
+    """CLI entry: ``rtdp eval checkpoint=DIR episodes=50 sampler=ddim steps=10 json=PATH``."""
+    report = evaluate(
+        None if cfg.expert else cfg.checkpoint,
+        task_name=cfg.task,
+        episodes=int(cfg.episodes),
+        sampler=cfg.sampler,
+        steps=cfg.steps,
+        out=cfg.out,
+        video=bool(cfg.video),
+        batch=int(cfg.batch),
+        latency_calls=int(cfg.latency_calls),
+        threads=int(cfg.threads),
+        seed=int(cfg.seed),
+        use_expert=bool(cfg.expert),
+    )
+    print_report(report)
+    if cfg.json:
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json).write_text(json.dumps(report, indent=2))
+    return report

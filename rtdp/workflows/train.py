@@ -1,0 +1,278 @@
+"""``rtdp train``: train a diffusion policy from a zarr replay buffer.
+
+One loop for every policy and task: AdamW with linear warm-up and cosine
+decay, an EMA copy of the weights (Diffusion Policy's power-0.75 schedule),
+periodic evaluation rollouts, and checkpoints that resume bit for bit
+(weights, EMA, optimiser moments, step and every RNG state are saved as
+safetensors + JSON; nothing is pickled).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rtdp.envs import TaskSpec, get_task
+from rtdp.errors import CheckpointError, ConfigError
+
+STATE_DIR = "train_state"
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine decay to zero (diffusers' cosine schedule)."""
+    if step < warmup:
+        return base_lr * (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def ema_decay(step: int, power: float = 0.75, max_decay: float = 0.9999) -> float:
+    """Diffusion Policy's EMA warm-up: 1 - (1 + step)^-power, clipped."""
+    if step <= 0:
+        return 0.0
+    return float(min(max_decay, max(0.0, 1.0 - (1.0 + step) ** -power)))
+
+
+def build_policy_config(task: TaskSpec, policy_cfg, arrays: dict[str, np.ndarray]):
+    """Policy config from the task's observation keys and the data's shapes."""
+    from rtdp.policies.diffusion_unet import SIZES, DiffusionUnetConfig
+
+    if policy_cfg.name != "unet":
+        raise ConfigError(f"policy must be one of ['unet'], got {policy_cfg.name!r}")
+    if policy_cfg.down_dims is not None:
+        down_dims = tuple(int(d) for d in policy_cfg.down_dims)
+    elif policy_cfg.size in SIZES:
+        down_dims = tuple(SIZES[policy_cfg.size])
+    else:
+        raise ConfigError(f"policy.size must be one of {sorted(SIZES)}, got {policy_cfg.size!r}")
+    return DiffusionUnetConfig(
+        lowdim_shapes={k: tuple(arrays[k].shape[1:]) for k in task.lowdim_keys},
+        image_shapes={k: tuple(arrays[k].shape[1:]) for k in task.image_keys},
+        action_dim=int(arrays["action"].shape[-1]),
+        n_obs_steps=int(policy_cfg.n_obs_steps),
+        horizon=int(policy_cfg.horizon),
+        n_action_steps=int(policy_cfg.n_action_steps),
+        down_dims=down_dims,
+        num_train_timesteps=int(policy_cfg.num_train_timesteps),
+        sampler=str(policy_cfg.sampler),
+        num_inference_steps=int(policy_cfg.num_inference_steps),
+    )
+
+
+def _save_state(path: Path, model, ema, opt, step: int, np_rng: np.random.Generator, extra: dict) -> None:
+    """Everything needed to continue bit for bit, as safetensors + JSON."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(path / "ema.safetensors"))
+    opt_tensors: dict[str, Any] = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for name, value in st.items():
+            opt_tensors[f"{idx}.{name}"] = torch.as_tensor(value).contiguous()
+    opt_tensors["__torch_rng__"] = torch.get_rng_state()
+    save_file(opt_tensors, str(path / "optim.safetensors"))
+    meta = {
+        "step": step,
+        "param_groups": opt.state_dict()["param_groups"],
+        "numpy_rng": np_rng.bit_generator.state,
+        **extra,
+    }
+    tmp = path / "state.json.tmp"
+    tmp.write_text(json.dumps(meta, default=int))
+    tmp.replace(path / "state.json")  # the state file lands last, atomically
+
+
+def _load_state(path: Path, model, ema, opt, np_rng: np.random.Generator) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    if not (path / "state.json").exists():
+        raise CheckpointError(f"resume=true but {path}/state.json does not exist; train without resume first")
+    meta = json.loads((path / "state.json").read_text())
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+    tensors = load_file(str(path / "optim.safetensors"))
+    torch.set_rng_state(tensors.pop("__torch_rng__"))
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    np_rng.bit_generator.state = meta["numpy_rng"]
+    return meta
+
+
+def _plot_curves(out: Path, log: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = [r for r in log if "loss" in r]
+    evals = [r for r in log if "eval_score" in r]
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    if losses:
+        steps = np.array([r["step"] for r in losses])
+        vals = np.array([r["loss"] for r in losses])
+        ax.plot(steps, vals, alpha=0.35, label="loss")
+        k = max(1, len(vals) // 30)
+        if len(vals) > k:
+            ax.plot(steps[k - 1 :], np.convolve(vals, np.ones(k) / k, mode="valid"), label=f"loss (mean of {k})")
+        ax.set_yscale("log")
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("denoising loss")
+        ax.legend()
+    if evals:
+        ax = axes[0, 1]
+        ax.plot([r["time_s"] / 60 for r in evals], [r["eval_score"] for r in evals], "o-", label="mean score")
+        ax.plot([r["time_s"] / 60 for r in evals], [r["eval_success"] for r in evals], "s--", label="success rate")
+        ax.set_xlabel("training time (min, 2 CPU cores)")
+        ax.set_ylim(0, 1.02)
+        ax.legend()
+        ax.set_title("evaluation during training")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+def train(cfg) -> dict[str, Any]:
+    """Train from ``cfg.data`` into ``cfg.out``; returns a summary dict."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from rtdp.data.dataset import SequenceDataset, compute_stats, load_arrays
+    from rtdp.data.replay_buffer import ReplayBuffer
+    from rtdp.policies.diffusion_unet import DiffusionUnetPolicy
+    from rtdp.workflows.eval import evaluate_checkpoint_policy
+
+    torch.set_num_threads(int(cfg.threads))
+    task = get_task(cfg.task.name)
+    out = Path(cfg.out)
+    state_dir = out / STATE_DIR
+    if state_dir.exists() and not cfg.resume:
+        raise ConfigError(f"{out} already holds a training run; pass resume=true to continue it or choose another out=")
+    out.mkdir(parents=True, exist_ok=True)
+
+    buffer = ReplayBuffer.open(cfg.data, mode="r")
+    keys = [*task.lowdim_keys, *task.image_keys, "action"]
+    episode_ends = np.asarray(buffer.episode_ends)
+    if cfg.max_episodes is not None:
+        episode_ends = episode_ends[: int(cfg.max_episodes)]
+    arrays = load_arrays(buffer, keys, task.dataset_aliases)
+    n_steps = int(episode_ends[-1])
+    arrays = {k: v[:n_steps] for k, v in arrays.items()}
+    stats = compute_stats(arrays, [*task.lowdim_keys, "action"])
+
+    torch.manual_seed(int(cfg.seed))
+    np_rng = np.random.default_rng(int(cfg.seed))
+    policy_config = build_policy_config(task, cfg.policy, arrays)
+    model = DiffusionUnetPolicy(policy_config)
+    model.set_normalizer(stats)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), betas=(0.95, 0.999), weight_decay=float(cfg.weight_decay))
+    dataset = SequenceDataset(
+        arrays,
+        episode_ends,
+        obs_keys=[*task.lowdim_keys, *task.image_keys],
+        horizon=policy_config.horizon,
+        n_obs_steps=policy_config.n_obs_steps,
+        n_action_steps=policy_config.n_action_steps,
+    )
+    run_info = {
+        "task": task.name,
+        "data": str(cfg.data),
+        "n_episodes": int(len(episode_ends)),
+        "n_steps": n_steps,
+        "command": "rtdp train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else None,
+    }
+    step, train_time, log = 0, 0.0, []
+    if cfg.resume and state_dir.exists():
+        meta = _load_state(state_dir, model, ema, opt, np_rng)
+        step, train_time, log = meta["step"], meta["train_time_s"], meta["log"]
+        if meta["run"]["data"] != run_info["data"] or meta["run"]["n_steps"] != n_steps:
+            raise CheckpointError(
+                f"resume=true but {state_dir} was trained on {meta['run']['data']} ({meta['run']['n_steps']} steps), "
+                f"not {run_info['data']} ({n_steps} steps); use the same data= or a new out="
+            )
+
+    total = int(cfg.steps)
+    bar = tqdm(total=total, initial=step, desc=f"train {task.name}", dynamic_ncols=True)
+    loss_acc, loss_n = 0.0, 0
+    t_last = time.perf_counter()
+
+    def checkpoint() -> None:
+        ema.save_pretrained(out / "checkpoint")
+        (out / "checkpoint" / "meta.json").write_text(
+            json.dumps({**run_info, "train_steps": step, "train_time_s": round(train_time, 1)}, indent=2)
+        )
+        _save_state(state_dir, model, ema, opt, step, np_rng, {"train_time_s": train_time, "log": log, "run": run_info})
+        _plot_curves(out, log)
+
+    def evaluate() -> None:
+        seeds = list(task.eval_seeds)[: int(cfg.eval_episodes)]
+        res = evaluate_checkpoint_policy(ema, task, seeds, sampler=cfg.eval_sampler, steps=int(cfg.eval_steps), progress=False)
+        log.append({"step": step, "time_s": round(train_time, 1), "eval_score": res.mean_score, "eval_success": res.success_rate})
+        bar.write(f"step {step}: eval ({len(seeds)} episodes, {cfg.eval_sampler}-{cfg.eval_steps}) "
+                  f"score {res.mean_score:.3f}, success {res.success_rate:.0%}")
+
+    try:
+        model.train()
+        while step < total:
+            lr = lr_at(step, float(cfg.lr), int(cfg.warmup_steps), total)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = np_rng.integers(0, len(dataset), size=int(cfg.batch_size))
+            batch = dataset.sample_batch(idx)
+            loss = model.compute_loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            decay = ema_decay(step, float(cfg.ema_power))
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.mul_(decay).add_(pm.detach(), alpha=1.0 - decay)
+                for be, bm in zip(ema.buffers(), model.buffers()):
+                    be.copy_(bm)
+            loss_acc += float(loss)
+            loss_n += 1
+            now = time.perf_counter()
+            train_time += now - t_last
+            t_last = now
+            bar.update(1)
+            if step % 50 == 0 or step == total:
+                log.append({"step": step, "loss": loss_acc / loss_n, "lr": lr, "time_s": round(train_time, 1)})
+                bar.set_postfix(loss=f"{loss_acc / loss_n:.4f}", lr=f"{lr:.1e}")
+                loss_acc, loss_n = 0.0, 0
+            if int(cfg.eval_every) > 0 and step % int(cfg.eval_every) == 0 and step < total:
+                evaluate()
+                t_last = time.perf_counter()  # evaluation time is not training time
+            if step % int(cfg.checkpoint_every) == 0 or step == total:
+                checkpoint()
+                t_last = time.perf_counter()
+    finally:
+        bar.close()
+    evaluated_last = bool(log) and log[-1].get("step") == step and "eval_score" in log[-1]
+    if int(cfg.eval_every) > 0 and int(cfg.eval_episodes) > 0 and not evaluated_last:
+        evaluate()
+        checkpoint()
+    summary = {**run_info, "train_steps": step, "train_time_s": round(train_time, 1), "checkpoint": str(out / "checkpoint")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"trained {step} steps in {train_time / 60:.1f} min on {run_info['n_episodes']} episodes; "
+          f"checkpoint: {out / 'checkpoint'}, curves: {out / 'curves.png'}")
+    return summary
+
+
+def run(cfg) -> dict[str, Any]:
+    """CLI entry: ``rtdp train task=... data=PATH out=DIR``."""
+    return train(cfg)
