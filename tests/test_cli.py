@@ -1,0 +1,45 @@
+"""The CLI composes hydra configs and turns bad input into typed errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from rtdp.cli import compose, main
+from rtdp.errors import ConfigError, UnknownNameError
+
+
+def test_overrides_reach_the_config() -> None:
+    cfg = compose("train", ["task=lift", "data=d.zarr", "out=o", "steps=7", "policy.size=dp_lowdim"])
+    assert cfg.task.name == "lift" and cfg.steps == 7 and cfg.policy.size == "dp_lowdim"
+
+
+def test_unknown_key_is_an_error_not_a_silent_no_op() -> None:
+    with pytest.raises(ConfigError, match="stepz"):
+        compose("train", ["data=d", "out=o", "stepz=3"])
+
+
+def test_unknown_task_lists_the_available_ones() -> None:
+    with pytest.raises(ConfigError, match="available: lift, pusht, pusht_image"):
+        compose("collect", ["task=nope", "out=x"])
+
+
+def test_missing_required_value_is_named() -> None:
+    with pytest.raises(ConfigError, match="data=..."):
+        compose("train", ["out=o"])
+
+
+def test_unknown_verb() -> None:
+    with pytest.raises(UnknownNameError):
+        compose("fly", [])
+
+
+def test_main_prints_error_and_exits_2(capsys) -> None:
+    assert main(["eval", "checkpoint=/nonexistent/ckpt"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_json_flag_spelling() -> None:
+    from rtdp.cli import _normalise_args
+
+    assert _normalise_args(["--json", "r.json", "episodes=3"]) == ["json=r.json", "episodes=3"]
