@@ -1,0 +1,107 @@
+"""Training: resume continues bit for bit; checkpoints load; bad data is a typed error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rtdp.cli import compose
+from rtdp.data.replay_buffer import ReplayBuffer
+from rtdp.errors import CheckpointError, MissingKeyError
+from rtdp.workflows.train import ema_decay, lr_at, train
+
+TINY = ["steps=6", "checkpoint_every=3", "batch_size=8", "policy.down_dims=[8,16]", "eval_episodes=0", "threads=1",
+        "warmup_steps=2"]
+
+
+def _store(path, keys=("state", "keypoint", "action"), episodes=3, length=24):
+    """A Diffusion-Policy-layout PushT store: agent_pos comes from state[:, :2]."""
+    rng = np.random.default_rng(0)
+    buf = ReplayBuffer.create(path)
+    shapes = {"state": (5,), "keypoint": (9, 2), "action": (2,)}
+    for _ in range(episodes):
+        buf.add_episode({k: rng.uniform(0, 512, (length, *shapes[k])).astype(np.float32) for k in keys})
+    return path
+
+
+def test_lr_and_ema_schedules() -> None:
+    assert lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
+    assert lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)
+    assert lr_at(100, 1.0, 10, 100) == pytest.approx(0.0, abs=1e-12)
+    assert ema_decay(0) == 0.0 and 0.0 < ema_decay(10) < ema_decay(1000) <= 0.9999
+
+
+def test_resume_continues_bit_for_bit(tmp_path, monkeypatch) -> None:
+    store = _store(tmp_path / "d.zarr")
+    train(compose("train", [f"data={store}", f"out={tmp_path / 'a'}", *TINY]))
+
+    # the same run, killed after its first checkpoint, then resumed
+    from rtdp.policies.diffusion_unet import DiffusionUnetPolicy
+
+    real = DiffusionUnetPolicy.compute_loss
+    calls = {"n": 0}
+
+    def crash_after_four(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(DiffusionUnetPolicy, "compute_loss", crash_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        train(compose("train", [f"data={store}", f"out={tmp_path / 'b'}", *TINY]))
+    monkeypatch.setattr(DiffusionUnetPolicy, "compute_loss", real)
+    assert json.loads((tmp_path / "b/train_state/state.json").read_text())["step"] == 3
+    train(compose("train", [f"data={store}", f"out={tmp_path / 'b'}", *TINY, "resume=true"]))
+
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(str(tmp_path / "a/train_state" / name))
+        b = load_file(str(tmp_path / "b/train_state" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}:{k} differs after resume"
+    assert (tmp_path / "a/curves.png").stat().st_size > 0
+
+
+def test_second_run_into_same_folder_needs_resume(tmp_path) -> None:
+    store = _store(tmp_path / "d.zarr")
+    cfg = compose("train", [f"data={store}", f"out={tmp_path / 'a'}", *TINY])
+    train(cfg)
+    with pytest.raises(Exception, match="resume=true"):
+        train(cfg)
+
+
+def test_checkpoint_reloads_with_identical_actions(tmp_path) -> None:
+    from rtdp.workflows.eval import load_checkpoint
+
+    store = _store(tmp_path / "d.zarr")
+    train(compose("train", [f"data={store}", f"out={tmp_path / 'a'}", *TINY]))
+    policy, meta = load_checkpoint(tmp_path / "a/checkpoint")
+    again, _ = load_checkpoint(tmp_path / "a/checkpoint")
+    assert meta["task"] == "pusht" and meta["n_episodes"] == 3
+    rng = np.random.default_rng(1)
+    obs = {"keypoint": rng.uniform(0, 512, (1, 2, 9, 2)).astype(np.float32),
+           "agent_pos": rng.uniform(0, 512, (1, 2, 2)).astype(np.float32)}
+    noise = torch.randn(1, 16, 2, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = policy.predict_action_chunk(obs, sampler="ddim", steps=5, noise=noise)
+        b = again.predict_action_chunk(obs, sampler="ddim", steps=5, noise=noise)
+    assert a.shape == (1, 8, 2)
+    assert torch.equal(a, b)
+
+
+def test_dataset_missing_a_key_the_policy_needs(tmp_path) -> None:
+    store = _store(tmp_path / "d.zarr", keys=("state", "action"))
+    with pytest.raises(MissingKeyError, match="keypoint"):
+        train(compose("train", [f"data={store}", f"out={tmp_path / 'a'}", *TINY]))
+
+
+def test_resume_without_a_run_is_a_checkpoint_error(tmp_path) -> None:
+    store = _store(tmp_path / "d.zarr")
+    (tmp_path / "a/train_state").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="state.json"):
+        train(compose("train", [f"data={store}", f"out={tmp_path / 'a'}", *TINY, "resume=true"]))
