@@ -54,7 +54,9 @@ class DiscreteEpsDenoiser(nn.Module):
         self.clip_x0 = None if clip_x0 is None else float(clip_x0)
         self.quantize = bool(quantize)
         self.nfe = 0
-        ac = alphas_cumprod.detach().to(torch.float32)
+        # Kept in the given dtype: float32 (diffusers' tables) reproduces diffusers'
+        # rounding; float64 gives a reference free of float32 cancellation.
+        ac = alphas_cumprod.detach().clone()
         sig = sigmas_from_alphas_cumprod(ac)
         # Tables are precomputed so a call costs a lookup, not a schedule rebuild.
         self.register_buffer("alphas_cumprod", ac, persistent=False)
@@ -88,14 +90,15 @@ class DiscreteEpsDenoiser(nn.Module):
 
         Returns:
             (t, sqrt(abar), sqrt(1 - abar)), each of sigma's shape; t int64
-            when quantized. Quantized coefficients come from the float32
-            table, matching diffusers' arithmetic exactly.
+            when quantized. Quantized coefficients are read from tables in
+            the dtype of ``alphas_cumprod``, as diffusers reads them.
         """
         t = self.sigma_to_t(sigma)
         if self.quantize:
             return t, self.sqrt_alphas_cumprod[t], self.sqrt_one_minus_alphas_cumprod[t]
         ac = 1.0 / (1.0 + sigma.double() ** 2)
-        return t, ac.sqrt().float(), (1 - ac).sqrt().float()
+        dtype = self.alphas_cumprod.dtype
+        return t, ac.sqrt().to(dtype), (1 - ac).sqrt().to(dtype)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """Denoise.

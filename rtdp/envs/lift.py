@@ -21,7 +21,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from rtdp.errors import ConfigError, require_package
+from rtdp.errors import ConfigError, ObservationError, require_package
 
 #: Observation keys and sizes, in the order robomimic lists them for low-dim Lift.
 OBS_DIMS: dict[str, int] = {
@@ -157,6 +157,7 @@ class LiftEnv(gymnasium.Env):
             seed=model_seed,
         )
         if render_camera not in self._env.sim.model.camera_names:
+            self._env.close()
             raise ConfigError(
                 f"unknown render_camera {render_camera!r}; cameras: {', '.join(self._env.sim.model.camera_names)}"
             )
@@ -273,8 +274,162 @@ class LiftEnv(gymnasium.Env):
             self._env = None
 
 
-class LiftExpert:
-    """Scripted pick-and-lift for :class:`LiftEnv`: hover above the cube, descend, close, lift."""
+def _quat_mul(q1: np.ndarray, q2: np.ndarray) -> np.ndarray:
+    """Hamilton product of two ``(x, y, z, w)`` quaternions."""
+    x1, y1, z1, w1 = q1
+    x2, y2, z2, w2 = q2
+    return np.array(
+        [
+            w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+            w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
+            w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2,
+            w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2,
+        ]
+    )
 
-    def __init__(self, env) -> None:
+
+def _quat_to_rotvec(q: np.ndarray) -> np.ndarray:
+    """Axis-angle vector (radians) of an ``(x, y, z, w)`` quaternion, angle in [0, pi]."""
+    q = q / np.linalg.norm(q)
+    if q[3] < 0:  # q and -q are the same rotation; take the short way round
+        q = -q
+    sin_half = np.linalg.norm(q[:3])
+    if sin_half < 1e-12:
+        return np.zeros(3)
+    return q[:3] * (2.0 * np.arctan2(sin_half, q[3]) / sin_half)
+
+
+def _yaw(q: np.ndarray) -> float:
+    """Heading (radians) of the body x axis of an ``(x, y, z, w)`` quaternion, projected on the table."""
+    x, y, z, w = q
+    return float(np.arctan2(2.0 * (x * y + z * w), 1.0 - 2.0 * (y * y + z * z)))
+
+
+def _wrap(angle: float, period: float) -> float:
+    """Map an angle to [-period/2, period/2)."""
+    return float((angle + period / 2) % period - period / 2)
+
+
+class LiftExpert:
+    """Scripted pick-and-lift for :class:`LiftEnv`.
+
+    Every action is a clipped proportional step computed from the current
+    observation; the phases switch on observable events so that a policy
+    reading the same observations can tell which phase it is in:
+
+    * ``approach``: gripper open; the hand moves to the cube, a hover height
+      above it while more than 3 cm away horizontally, sinking as it closes
+      in, at the grasp height (cube centre) once within 1 cm. Throughout, it
+      turns to point straight down with its fingers square to the cube's
+      faces (the cube looks the same after a 90 degree turn, so it never
+      turns more than 45 degrees).
+    * ``close``: once the hand is within ``grasp_tolerance`` of the grasp
+      point, the gripper closes while the hand holds its place; it stays in
+      this phase until the fingers stop moving.
+    * ``lift``: fingers stopped on the cube (opening above ``empty_opening``):
+      the hand rises with the gripper closed. Robosuite reports success when
+      the cube is 4 cm up, and the env ends the episode.
+
+    A grasp that closes on nothing, or a cube that leaves the hand, sends the
+    expert back to ``approach`` with the gripper open.
+
+    Per-episode variation (hover height, speed) comes from the expert's own
+    generator, seeded from the env's episode seed, so demonstrations are
+    reproducible.
+
+    Args:
+        env: a :class:`LiftEnv`, possibly wrapped (e.g. by ``gymnasium.make``).
+        hover_range: range of the hover height above the cube centre, metres.
+        gain_range: range of the proportional gain, action units per metre
+            (one action unit is a 5 cm OSC_POSE goal offset).
+        rot_gain: proportional gain on the orientation error, units per radian.
+        grasp_tolerance: distance to the grasp point that starts closing, metres.
+        empty_opening: finger opening below which the grasp is empty, metres.
+    """
+
+    def __init__(
+        self,
+        env: gymnasium.Env,
+        hover_range: tuple[float, float] = (0.04, 0.08),
+        gain_range: tuple[float, float] = (8.0, 12.0),
+        rot_gain: float = 3.0,
+        grasp_tolerance: float = 0.01,
+        empty_opening: float = 0.01,
+    ) -> None:
         self.env = env
+        self.hover_range = hover_range
+        self.gain_range = gain_range
+        self.rot_gain = rot_gain
+        self.grasp_tolerance = grasp_tolerance
+        self.empty_opening = empty_opening
+        self.reset()
+
+    def reset(self) -> None:
+        """Draw this episode's hover height and speed; call after every ``env.reset``."""
+        seed = getattr(self.env.unwrapped, "episode_seed", None)
+        # a separate stream from the env's placement generator with the same seed
+        rng = np.random.default_rng(None if seed is None else [seed, 1])
+        self.hover = float(rng.uniform(*self.hover_range))
+        self.gain = float(rng.uniform(*self.gain_range))
+        self.phase = "approach"
+        self._prev_opening: float | None = None
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """Next action for an observation of :class:`LiftEnv`.
+
+        Args:
+            obs: dict with ``robot0_eef_quat`` (4,), ``robot0_gripper_qpos`` (2,)
+                and ``object`` (10,).
+
+        Returns:
+            ``(7,)`` float32 action in [-1, 1].
+
+        Raises:
+            ObservationError: a key the expert reads is missing.
+        """
+        missing = [k for k in ("robot0_eef_quat", "robot0_gripper_qpos", "object") if k not in obs]
+        if missing:
+            raise ObservationError(f"LiftExpert needs observation keys {missing}; got {sorted(obs)}")
+        cube_quat = np.asarray(obs["object"][3:7], dtype=np.float64)
+        to_cube = np.asarray(obs["object"][7:10], dtype=np.float64)  # cube - hand
+        eef_quat = np.asarray(obs["robot0_eef_quat"], dtype=np.float64)
+        qpos = obs["robot0_gripper_qpos"]
+        opening = float(qpos[0] - qpos[1])
+        moving = self._prev_opening is None or abs(opening - self._prev_opening) > 5e-4
+        self._prev_opening = opening
+        near = float(np.linalg.norm(to_cube))
+
+        if self.phase == "close" and not moving:
+            self.phase = "lift" if opening > self.empty_opening else "approach"
+        elif self.phase == "lift" and (near > 0.03 or opening < self.empty_opening):
+            self.phase = "approach"  # dropped it
+        elif self.phase == "approach" and near < self.grasp_tolerance and opening > 0.06:
+            self.phase = "close"
+
+        action = np.zeros(ACTION_DIM)
+        if self.phase == "approach":
+            # descend only once roughly above the cube, so fingers never sweep it
+            horizontal = float(np.linalg.norm(to_cube[:2]))
+            height = self.hover * float(np.clip(horizontal / 0.02 - 0.5, 0.0, 1.0))
+            action[:3] = self.gain * (to_cube + np.array([0.0, 0.0, height]))
+            action[6] = -1.0
+        elif self.phase == "close":
+            action[:3] = self.gain * to_cube
+            action[6] = 1.0
+        else:
+            action[:2] = self.gain * to_cube[:2]
+            action[2] = 1.0
+            action[6] = 1.0
+        action[3:6] = self.rot_gain * self._orientation_error(eef_quat, cube_quat)
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+    def _orientation_error(self, eef_quat: np.ndarray, cube_quat: np.ndarray) -> np.ndarray:
+        """World-frame axis-angle from the hand's orientation to the grasp orientation, radians."""
+        yaw = _yaw(eef_quat)
+        # turn by at most 45 degrees to square the fingers with a cube face
+        target_yaw = yaw + _wrap(_yaw(cube_quat) - yaw, np.pi / 2)
+        # pointing straight down: a half turn about x, then the heading about z
+        heading = np.array([0.0, 0.0, np.sin(target_yaw / 2), np.cos(target_yaw / 2)])
+        target = _quat_mul(heading, np.array([1.0, 0.0, 0.0, 0.0]))
+        conj = eef_quat * np.array([-1.0, -1.0, -1.0, 1.0])
+        return _quat_to_rotvec(_quat_mul(target, conj))

@@ -1,0 +1,616 @@
+"""Diffusion Policy with a 1-D temporal CNN (Chi et al. 2023, "Diffusion Policy", CNN variant).
+
+Observations of the last ``n_obs_steps`` steps (low-dimensional vectors and
+camera images) are encoded once per chunk into a global conditioning vector;
+a ``ConditionalUnet1D`` trained with the DDPM epsilon objective denoises a
+``horizon``-step action trajectory, sampled through ``rtdp.core``; the policy
+returns the ``n_action_steps`` actions starting at the current step.
+
+Everything a user needs to run the policy lives in its state dict: network
+weights and the min-max normaliser. Checkpoints are a ``model.safetensors``
+plus a ``config.json`` with a ``schema_version``; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rtdp.core import (
+    BETA_SCHEDULES,
+    SAMPLERS,
+    DiscreteEpsDenoiser,
+    get_sampler,
+    get_sigmas,
+    make_alphas_cumprod,
+    vp_noise_to_start,
+)
+from rtdp.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    MissingKeyError,
+    ObservationError,
+)
+from rtdp.policies.unet1d import ConditionalUnet1D
+from rtdp.vision.resnet import ResNetImageEncoder
+
+SCHEMA_VERSION = 1
+POLICY_TYPE = "diffusion_unet"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# U-Net channel widths: "small" trains on two CPU cores in minutes; the other
+# two are Diffusion Policy's published sizes for low-dim and image tasks.
+SIZES: dict[str, tuple[int, ...]] = {
+    "small": (64, 128, 256),
+    "dp_lowdim": (256, 512, 1024),
+    "dp_image": (512, 1024, 2048),
+}
+
+
+def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a sequence of positive ints, got {value!r}") from None
+    if any(v < 1 for v in out):
+        raise ConfigError(f"{name} must be a sequence of positive ints, got {value!r}")
+    return out
+
+
+@dataclass(kw_only=True)
+class DiffusionUnetConfig:
+    """Configuration of ``DiffusionUnetPolicy`` (names follow Diffusion Policy).
+
+    Attributes:
+        lowdim_shapes: per-step shape of each low-dimensional observation key.
+        image_shapes: (H, W, 3) of each camera observation key.
+        action_dim: Da.
+        n_obs_steps: To, observation steps conditioning a chunk.
+        horizon: T, length of the denoised action trajectory.
+        n_action_steps: Ta, actions returned per chunk.
+        down_dims: U-Net channels per level, or a name in ``SIZES``.
+        kernel_size: U-Net temporal kernel size (odd).
+        n_groups: GroupNorm groups of the U-Net.
+        diffusion_step_embed_dim: width of the step embedding.
+        num_train_timesteps: N of the DDPM training schedule.
+        beta_schedule: one of ``rtdp.core.BETA_SCHEDULES``.
+        clip_sample: clip predicted x0 to [-1, 1] while sampling.
+        crop_shape: (h, w) image crop (random in training, center at inference); None: no crop.
+        sampler: default sampler, a key of ``rtdp.core.SAMPLERS``.
+        num_inference_steps: default number of sampler steps.
+        image_feature_dim: per-camera feature width.
+        num_keypoints: spatial-softmax keypoints of the image encoder.
+    """
+
+    lowdim_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    image_shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    action_dim: int
+    n_obs_steps: int = 2
+    horizon: int = 16
+    n_action_steps: int = 8
+    down_dims: tuple[int, ...] | str = SIZES["small"]
+    kernel_size: int = 5
+    n_groups: int = 8
+    diffusion_step_embed_dim: int = 128
+    num_train_timesteps: int = 100
+    beta_schedule: str = "squaredcos_cap_v2"
+    clip_sample: bool = True
+    crop_shape: tuple[int, int] | None = (84, 84)
+    sampler: str = "ddpm"
+    num_inference_steps: int = 100
+    image_feature_dim: int = 64
+    num_keypoints: int = 32
+
+    def __post_init__(self) -> None:
+        # Accept lists / hydra containers, store plain tuples so the config
+        # round-trips through JSON unchanged.
+        self.lowdim_shapes = {str(k): _int_tuple(v, f"lowdim_shapes[{k!r}]") for k, v in dict(self.lowdim_shapes).items()}
+        self.image_shapes = {str(k): _int_tuple(v, f"image_shapes[{k!r}]") for k, v in dict(self.image_shapes).items()}
+        if isinstance(self.down_dims, str):
+            if self.down_dims not in SIZES:
+                raise ConfigError(
+                    f"down_dims must be a tuple of ints or one of {', '.join(SIZES)}, got {self.down_dims!r}"
+                )
+            self.down_dims = SIZES[self.down_dims]
+        self.down_dims = _int_tuple(self.down_dims, "down_dims")
+        if self.crop_shape is not None:
+            self.crop_shape = _int_tuple(self.crop_shape, "crop_shape")
+            if len(self.crop_shape) != 2:
+                raise ConfigError(f"crop_shape must be (height, width) or None, got {self.crop_shape}")
+        for name in (
+            "action_dim",
+            "n_obs_steps",
+            "horizon",
+            "n_action_steps",
+            "kernel_size",
+            "n_groups",
+            "diffusion_step_embed_dim",
+            "num_train_timesteps",
+            "num_inference_steps",
+            "image_feature_dim",
+            "num_keypoints",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+            setattr(self, name, int(value))
+        self.clip_sample = bool(self.clip_sample)
+
+        if not self.lowdim_shapes and not self.image_shapes:
+            raise ConfigError("the policy needs at least one observation: lowdim_shapes and image_shapes are both empty")
+        both = sorted(set(self.lowdim_shapes) & set(self.image_shapes))
+        if both:
+            raise ConfigError(f"observation keys must be either low-dim or image, got {both} in both")
+        if "action" in self.lowdim_shapes or "action" in self.image_shapes:
+            raise ConfigError("'action' is reserved for the action normaliser; rename that observation key")
+        for key, shape in self.image_shapes.items():
+            if len(shape) != 3 or shape[2] != 3:
+                raise ConfigError(f"image_shapes[{key!r}] must be (H, W, 3) channels last, got {shape}")
+            if self.crop_shape is not None and (self.crop_shape[0] > shape[0] or self.crop_shape[1] > shape[1]):
+                raise ConfigError(f"crop_shape {self.crop_shape} must fit inside image_shapes[{key!r}] = {shape}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {self.beta_schedule!r}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {', '.join(sorted(SAMPLERS))}, got {self.sampler!r}")
+        if self.num_inference_steps > self.num_train_timesteps:
+            raise ConfigError(
+                f"num_inference_steps must be <= num_train_timesteps={self.num_train_timesteps}, "
+                f"got {self.num_inference_steps}"
+            )
+        if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
+            raise ConfigError(
+                f"horizon must be >= n_obs_steps - 1 + n_action_steps = {self.n_obs_steps - 1 + self.n_action_steps}, "
+                f"got {self.horizon}"
+            )
+        factor = 2 ** (len(self.down_dims) - 1)
+        if self.horizon % factor:
+            raise ConfigError(
+                f"horizon must be a multiple of {factor} (the U-Net halves it {len(self.down_dims) - 1} times), "
+                f"got {self.horizon}"
+            )
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size must be odd, got {self.kernel_size}")
+        bad = [d for d in self.down_dims if d % self.n_groups]
+        if bad:
+            raise ConfigError(f"down_dims entries must be multiples of n_groups={self.n_groups}, got {bad}")
+        if self.diffusion_step_embed_dim % 2 or self.diffusion_step_embed_dim < 4:
+            raise ConfigError(f"diffusion_step_embed_dim must be even and >= 4, got {self.diffusion_step_embed_dim}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DiffusionUnetConfig":
+        """Build from ``to_dict`` output or a hydra node.
+
+        Raises:
+            ConfigError: unknown keys or invalid values.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown DiffusionUnetConfig fields {unknown}; known fields: {', '.join(sorted(known))}")
+        return cls(**dict(data))
+
+    @property
+    def obs_feature_dim(self) -> int:
+        """Width of the per-step observation feature (images then low-dim, sorted by key)."""
+        lowdim = sum(math.prod(s) for s in self.lowdim_shapes.values())
+        return len(self.image_shapes) * self.image_feature_dim + lowdim
+
+
+class _FieldStats(nn.Module):
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = shape
+        for name in ("min", "max", "scale", "offset"):
+            self.register_buffer(name, torch.zeros(shape))
+
+
+class LimitsNormalizer(nn.Module):
+    """Per-dimension min-max map of each field to [-1, 1] (Diffusion Policy's "limits" mode).
+
+    Statistics are buffers, so they travel in the policy's state dict.
+    Dimensions whose range is below ``range_eps`` are only shifted (constant
+    -> 0) instead of divided by ~0.
+
+    Args:
+        shapes: per-sample shape of every normalised field.
+        range_eps: smallest range treated as non-constant.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], range_eps: float = 1e-4) -> None:
+        super().__init__()
+        self.keys = list(shapes)
+        self.range_eps = range_eps
+        self._index = {k: i for i, k in enumerate(self.keys)}
+        # A list, not a ModuleDict: observation keys may contain dots ("observation.state").
+        self.fields = nn.ModuleList(_FieldStats(tuple(shapes[k])) for k in self.keys)
+        self.register_buffer("is_set", torch.zeros((), dtype=torch.bool))
+
+    def require_set(self) -> None:
+        """Raise unless statistics were set.
+
+        Raises:
+            ConfigError: no statistics yet.
+        """
+        if not bool(self.is_set):
+            raise ConfigError(
+                "normaliser statistics are not set: call policy.set_normalizer(stats) with the dataset's "
+                f"per-key min/max for {', '.join(self.keys)}, or load a trained policy with from_pretrained(dir)"
+            )
+
+    def set_stats(self, stats: Mapping[str, Mapping[str, Any]]) -> None:
+        """Set statistics from ``{key: {"min": array, "max": array}}`` (env units).
+
+        Raises:
+            MissingKeyError: a field or its min/max is absent.
+            DatasetError: a statistic has the wrong size, is non-finite, or max < min.
+        """
+        new = {}
+        for key, f in zip(self.keys, self.fields):
+            if key not in stats:
+                raise MissingKeyError(f"normaliser statistics lack {key!r}; need min/max for {', '.join(self.keys)}")
+            values = []
+            for stat in ("min", "max"):
+                if stat not in stats[key]:
+                    raise MissingKeyError(f"normaliser statistics for {key!r} lack {stat!r}")
+                arr = np.asarray(stats[key][stat], dtype=np.float64)
+                if arr.size != math.prod(f.shape):
+                    raise DatasetError(
+                        f"normaliser statistic {key}.{stat} must have {math.prod(f.shape)} values (shape {f.shape}), "
+                        f"got shape {arr.shape}"
+                    )
+                if not np.isfinite(arr).all():
+                    raise DatasetError(f"normaliser statistic {key}.{stat} contains NaN/Inf")
+                values.append(torch.from_numpy(arr.reshape(f.shape)))
+            lo, hi = values
+            if (hi < lo).any():
+                raise DatasetError(f"normaliser statistics for {key!r} have max < min")
+            rng = hi - lo
+            flat = rng < self.range_eps
+            rng = torch.where(flat, torch.full_like(rng, 2.0), rng)
+            scale = 2.0 / rng
+            offset = torch.where(flat, -lo, -1.0 - scale * lo)
+            new[key] = (lo, hi, scale, offset)
+        # Write only after every key validated, so a failed call leaves the old stats intact.
+        for key, f in zip(self.keys, self.fields):
+            for name, value in zip(("min", "max", "scale", "offset"), new[key]):
+                getattr(f, name).copy_(value.to(getattr(f, name).dtype))
+        self.is_set.fill_(True)
+
+    def get_stats(self) -> dict[str, dict[str, np.ndarray]]:
+        """Current statistics as ``{key: {"min": ndarray, "max": ndarray}}``."""
+        return {k: {"min": f.min.cpu().numpy().copy(), "max": f.max.cpu().numpy().copy()} for k, f in zip(self.keys, self.fields)}
+
+    def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """Env units -> [-1, 1]; x (..., *shape)."""
+        f = self.fields[self._index[key]]
+        return x * f.scale + f.offset
+
+    def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] -> env units; x (..., *shape)."""
+        f = self.fields[self._index[key]]
+        return (x - f.offset) / f.scale
+
+
+class DiffusionUnetPolicy(nn.Module):
+    """Diffusion Policy (CNN): obs (B, To, ...) -> action chunk (B, Ta, Da).
+
+    Args:
+        config: a validated ``DiffusionUnetConfig``.
+    """
+
+    def __init__(self, config: DiffusionUnetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.lowdim_keys = sorted(config.lowdim_shapes)
+        self.image_keys = sorted(config.image_shapes)
+        self.image_encoders = nn.ModuleList(
+            ResNetImageEncoder(config.image_shapes[k], config.crop_shape, config.num_keypoints, config.image_feature_dim)
+            for k in self.image_keys
+        )
+        self.model = ConditionalUnet1D(
+            input_dim=config.action_dim,
+            global_cond_dim=config.obs_feature_dim * config.n_obs_steps,
+            diffusion_step_embed_dim=config.diffusion_step_embed_dim,
+            down_dims=config.down_dims,
+            kernel_size=config.kernel_size,
+            n_groups=config.n_groups,
+        )
+        shapes = {k: config.lowdim_shapes[k] for k in self.lowdim_keys}
+        shapes["action"] = (config.action_dim,)
+        self.normalizer = LimitsNormalizer(shapes)
+        # Derived from the config, so not saved.
+        self.register_buffer(
+            "alphas_cumprod", make_alphas_cumprod(config.num_train_timesteps, config.beta_schedule), persistent=False
+        )
+        self.last_nfe = 0
+        self._sigma_cache: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def set_normalizer(self, stats: Mapping[str, Mapping[str, Any]]) -> None:
+        """Set min/max statistics for every low-dim key and "action".
+
+        Args:
+            stats: ``{key: {"min": array, "max": array}}`` in env units.
+
+        Raises:
+            MissingKeyError: a key or statistic is missing.
+            DatasetError: a statistic has the wrong size or is not finite.
+        """
+        self.normalizer.set_stats(stats)
+
+    def reset(self) -> None:
+        """Start a new episode. The policy keeps no state between chunks, so there is nothing to clear."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
+    # -------------------------------------------------------------- internals
+
+    def _denoiser(self) -> DiscreteEpsDenoiser:
+        den = self.__dict__.get("_den")
+        if den is None or den.alphas_cumprod.device != self.device or den.alphas_cumprod.dtype != self.alphas_cumprod.dtype:
+            den = DiscreteEpsDenoiser(
+                self.model, self.alphas_cumprod, clip_x0=1.0 if self.config.clip_sample else None
+            )
+            # Kept out of the module tree: it wraps self.model, which must not appear twice in the state dict.
+            self.__dict__["_den"] = den
+        return den
+
+    def _sigmas(self, sampler: str, steps: int) -> torch.Tensor:
+        key = (sampler, steps, self.device)
+        sigmas = self._sigma_cache.get(key)
+        if sigmas is None:
+            sigmas = get_sigmas(sampler, self.alphas_cumprod.cpu(), steps).to(self.device)
+            self._sigma_cache[key] = sigmas
+        return sigmas
+
+    def _check_obs(self, obs: Mapping[str, Any], exact_steps: bool) -> dict[str, torch.Tensor]:
+        """Validate and convert obs to tensors on the policy's device, cut to the first To steps."""
+        cfg = self.config
+        if not isinstance(obs, Mapping):
+            raise ObservationError(f"obs must be a dict of arrays keyed by observation name, got {type(obs).__name__}")
+        out: dict[str, torch.Tensor] = {}
+        batch = None
+        for key in self.image_keys + self.lowdim_keys:
+            if key not in obs:
+                raise ObservationError(
+                    f"observation {key!r} is missing; expected keys {', '.join(self.image_keys + self.lowdim_keys)}, "
+                    f"got {', '.join(map(str, obs)) or 'none'}"
+                )
+            value = obs[key]
+            try:
+                value = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise ObservationError(f"observation {key!r} is not an array: {exc}") from None
+            shape = cfg.image_shapes[key] if key in cfg.image_shapes else cfg.lowdim_shapes[key]
+            steps_ok = value.ndim >= 2 and (value.shape[1] == cfg.n_obs_steps if exact_steps else value.shape[1] >= cfg.n_obs_steps)
+            if value.ndim != 2 + len(shape) or not steps_ok or tuple(value.shape[2:]) != shape or (
+                batch is not None and value.shape[0] != batch
+            ):
+                b = "B" if batch is None else str(batch)
+                steps = str(cfg.n_obs_steps) if exact_steps else f">={cfg.n_obs_steps}"
+                raise ObservationError(
+                    f"observation {key!r} must have shape ({b}, {steps}, {', '.join(map(str, shape))}) "
+                    f"= (batch, n_obs_steps, *shape), got {tuple(value.shape)}"
+                )
+            batch = value.shape[0]
+            value = value[:, : cfg.n_obs_steps]
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ObservationError(f"observation {key!r} contains NaN/Inf")
+            if key in cfg.lowdim_shapes:
+                value = value.to(device=self.device, dtype=self.alphas_cumprod.dtype)
+            else:
+                value = value.to(device=self.device)
+            out[key] = value
+        return out
+
+    def _encode(self, obs: dict[str, torch.Tensor], random_crop: bool, generator: torch.Generator | None = None):
+        """Global conditioning (B, To * obs_feature_dim) from validated raw obs."""
+        feats = []
+        for key, enc in zip(self.image_keys, self.image_encoders):
+            img = obs[key]
+            b, to = img.shape[:2]
+            feats.append(enc(img.flatten(0, 1), random_crop=random_crop, generator=generator).reshape(b, to, -1))
+        for key in self.lowdim_keys:
+            x = self.normalizer.normalize(key, obs[key])
+            feats.append(x.flatten(2))
+        return torch.cat(feats, dim=-1).flatten(1)
+
+    # ----------------------------------------------------------------- public
+
+    def compute_loss(self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """DDPM epsilon-prediction loss on a batch of demonstrations.
+
+        Args:
+            batch: ``{"obs": {key: (B, >=To, *shape)}, "action": (B, T, Da)}`` in env
+                units; images uint8 or float 0..255, (B, >=To, H, W, 3).
+            generator: source of the noise, timesteps and crops (default: torch's global RNG).
+
+        Returns:
+            scalar mean-squared error between true and predicted noise.
+
+        Raises:
+            ConfigError: normaliser not set.
+            ObservationError: bad observation keys/shapes/values.
+            DatasetError: the action has the wrong shape.
+        """
+        cfg = self.config
+        self.normalizer.require_set()
+        if "obs" not in batch or "action" not in batch:
+            raise DatasetError(f"a training batch needs 'obs' and 'action', got keys {sorted(batch)}")
+        obs = self._check_obs(batch["obs"], exact_steps=False)
+        action = torch.as_tensor(batch["action"]).to(device=self.device, dtype=self.alphas_cumprod.dtype)
+        bsz = next(iter(obs.values())).shape[0]
+        if tuple(action.shape) != (bsz, cfg.horizon, cfg.action_dim):
+            raise DatasetError(
+                f"batch['action'] must have shape ({bsz}, {cfg.horizon}, {cfg.action_dim}) = (B, horizon, action_dim), "
+                f"got {tuple(action.shape)}"
+            )
+        cond = self._encode(obs, random_crop=self.training, generator=generator)
+        x0 = self.normalizer.normalize("action", action)
+        gen_device = generator.device if generator is not None else self.device
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(self.device)
+        t = torch.randint(0, cfg.num_train_timesteps, (bsz,), generator=generator, device=gen_device).to(self.device)
+        ac = self.alphas_cumprod[t].reshape(-1, 1, 1)
+        x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+        return F.mse_loss(self.model(x_t, t, cond), noise)
+
+    @torch.no_grad()
+    def predict_action_chunk(
+        self,
+        obs: Mapping[str, Any],
+        *,
+        sampler: str | None = None,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sample an action chunk.
+
+        Args:
+            obs: ``{key: (B, To, *shape)}`` tensors or numpy arrays in env units;
+                images (B, To, H, W, 3) uint8 or float 0..255. Extra keys are ignored.
+            sampler: a key of ``rtdp.core.SAMPLERS``; default ``config.sampler``.
+            steps: sampler steps; default ``config.num_inference_steps``.
+            generator: source of the initial and per-step noise.
+            noise: standard-normal initial noise (B, T, Da), to fix the sample.
+
+        Returns:
+            actions (B, Ta, Da) in env units: steps To-1 .. To-1+Ta of the
+            denoised horizon (the first action is for the current step).
+
+        Raises:
+            UnknownNameError: unknown sampler.
+            ConfigError: normaliser not set, bad steps or noise shape.
+            ObservationError: missing key, wrong shape, or NaN/Inf in obs.
+        """
+        cfg = self.config
+        self.normalizer.require_set()
+        name = cfg.sampler if sampler is None else sampler
+        sample_fn = get_sampler(name)
+        steps = cfg.num_inference_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= cfg.num_train_timesteps:
+            raise ConfigError(f"steps must be an int in 1..{cfg.num_train_timesteps}, got {steps!r}")
+        sigmas = self._sigmas(name, int(steps))
+        cond = self._encode(self._check_obs(obs, exact_steps=True), random_crop=False)
+        shape = (cond.shape[0], cfg.horizon, cfg.action_dim)
+        dtype = self.alphas_cumprod.dtype
+        if noise is None:
+            gen_device = generator.device if generator is not None else self.device
+            noise = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
+        noise = torch.as_tensor(noise).to(device=self.device, dtype=dtype)
+        if tuple(noise.shape) != shape:
+            raise ConfigError(f"noise must have shape {shape} = (B, horizon, action_dim), got {tuple(noise.shape)}")
+        den = self._denoiser()
+        den.reset_nfe()
+        x = sample_fn(den, vp_noise_to_start(noise, float(sigmas[0])), sigmas, cond=cond, generator=generator)
+        self.last_nfe = den.nfe
+        start = cfg.n_obs_steps - 1
+        return self.normalizer.unnormalize("action", x[:, start : start + cfg.n_action_steps])
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created if needed).
+
+        Returns:
+            the directory.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt", "policy_type": POLICY_TYPE})
+        meta = {"schema_version": SCHEMA_VERSION, "policy_type": POLICY_TYPE, "config": self.config.to_dict()}
+        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device | None = None) -> "DiffusionUnetPolicy":
+        """Load a policy written by ``save_pretrained``.
+
+        Args:
+            directory: checkpoint folder.
+            device: where to put the weights (default CPU).
+
+        Returns:
+            the policy, in eval mode.
+
+        Raises:
+            CheckpointError: missing folder or file, unreadable file, other
+                schema version, or weights that do not match the config.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint folder {str(path)!r} does not exist")
+        cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not cfg_path.is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} has no {CONFIG_FILE}; it is incomplete or not an rtdp checkpoint")
+        try:
+            meta = json.loads(cfg_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"cannot read {cfg_path}: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{cfg_path} must hold a JSON object, got {type(meta).__name__}")
+        version = meta.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CheckpointError(
+                f"checkpoint schema_version {version}, this rtdp reads {SCHEMA_VERSION}; "
+                "re-train or convert the checkpoint with a matching rtdp version"
+            )
+        if meta.get("policy_type", POLICY_TYPE) != POLICY_TYPE:
+            raise CheckpointError(f"{cfg_path} is a {meta.get('policy_type')!r} checkpoint, not {POLICY_TYPE!r}")
+        try:
+            config = DiffusionUnetConfig.from_dict(meta.get("config", {}))
+        except (ConfigError, TypeError) as exc:
+            raise CheckpointError(f"{cfg_path} holds an invalid config: {exc}") from exc
+        if not weights_path.is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} has no {WEIGHTS_FILE}")
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read {weights_path}: {exc}") from exc
+        policy = cls(config)
+        expected = policy.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mismatched = [
+            f"{k}: checkpoint {tuple(state[k].shape)}, config {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        if missing or unexpected or mismatched:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+            if mismatched:
+                parts.append(f"{len(mismatched)} with other shapes (e.g. {'; '.join(mismatched[:3])})")
+            raise CheckpointError(f"{weights_path} does not match {cfg_path}: tensors " + ", ".join(parts))
+        policy.load_state_dict(state)
+        if device is not None:
+            policy.to(device)
+        return policy.eval()
