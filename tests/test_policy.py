@@ -31,7 +31,8 @@ def _one_thread():
 
 
 def lowdim_policy(**overrides) -> DiffusionUnetPolicy:
-    cfg = DiffusionUnetConfig(lowdim_shapes={"agent_pos": (2,), "keypoint": (3, 2)}, action_dim=2, **{**TINY, **overrides})
+    shapes = {"agent_pos": (2,), "keypoint": (3, 2)}
+    cfg = DiffusionUnetConfig(lowdim_shapes=shapes, action_dim=2, **{**TINY, **overrides})
     torch.manual_seed(0)
     policy = DiffusionUnetPolicy(cfg)
     policy.set_normalizer({k: STATS[k] for k in ("agent_pos", "keypoint", "action")})
@@ -40,7 +41,11 @@ def lowdim_policy(**overrides) -> DiffusionUnetPolicy:
 
 def image_policy() -> DiffusionUnetPolicy:
     cfg = DiffusionUnetConfig(
-        lowdim_shapes={"agent_pos": (2,)}, image_shapes={"image": (32, 32, 3)}, action_dim=2, crop_shape=(28, 28), **TINY
+        lowdim_shapes={"agent_pos": (2,)},
+        image_shapes={"image": (32, 32, 3)},
+        action_dim=2,
+        crop_shape=(28, 28),
+        **TINY,
     )
     torch.manual_seed(0)
     policy = DiffusionUnetPolicy(cfg)
@@ -57,11 +62,14 @@ def lowdim_obs(batch: int = 1, steps: int = 2, seed: int = 0) -> dict[str, np.nd
 
 
 def test_unet_shapes_and_sizes():
-    net = ConditionalUnet1D(input_dim=3, global_cond_dim=10, diffusion_step_embed_dim=16, down_dims=(16, 32, 64), n_groups=4)
+    net = ConditionalUnet1D(
+        input_dim=3, global_cond_dim=10, diffusion_step_embed_dim=16, down_dims=(16, 32, 64), n_groups=4
+    )
     out = net(torch.randn(2, 16, 3), torch.tensor([0, 99]), torch.randn(2, 10))
     assert out.shape == (2, 16, 3)
     # A scalar timestep broadcasts over the batch.
-    torch.testing.assert_close(net(torch.zeros(2, 16, 3), 5, torch.zeros(2, 10))[0], net(torch.zeros(1, 16, 3), torch.tensor([5]), torch.zeros(1, 10))[0])
+    scalar_t = net(torch.zeros(2, 16, 3), 5, torch.zeros(2, 10))[0]
+    torch.testing.assert_close(scalar_t, net(torch.zeros(1, 16, 3), torch.tensor([5]), torch.zeros(1, 10))[0])
     assert set(SIZES) == {"small", "dp_lowdim", "dp_image"}
     assert SIZES["dp_lowdim"] == (256, 512, 1024) and SIZES["dp_image"] == (512, 1024, 2048)
 
@@ -117,14 +125,17 @@ def test_loss_decreases_on_tiny_dataset():
     obs = lowdim_obs(batch=32, steps=8, seed=1)
     # Actions are a smooth function of the observation, so there is something to learn.
     ramp = np.linspace(0, 1, 8)[None, :, None]
-    action = np.concatenate([obs["agent_pos"][:, :1, :1] + 50 * ramp, np.tanh(obs["keypoint"][:, :1, :1, 0] / 48 - 1) + 0 * ramp], -1)
+    push = obs["agent_pos"][:, :1, :1] + 50 * ramp
+    grip = np.tanh(obs["keypoint"][:, :1, :1, 0] / 48 - 1) + 0 * ramp
+    action = np.concatenate([push, grip], -1)
     action = action + rng.normal(0, 1, action.shape)
     batch = {"obs": obs, "action": action.astype(np.float32)}
 
     def held_out_loss() -> float:
         # Noise and timesteps never used in training: the drop is learning, not memorised noise.
         with torch.no_grad():
-            return float(np.mean([policy.compute_loss(batch, generator=torch.Generator().manual_seed(1000 + i)).item() for i in range(4)]))
+            losses = [policy.compute_loss(batch, generator=torch.Generator().manual_seed(1000 + i)) for i in range(4)]
+            return float(torch.stack(losses).mean())
 
     before = held_out_loss()
     opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
@@ -148,7 +159,8 @@ def test_predict_lowdim_shapes_and_nfe(sampler, steps):
     assert (actions[..., 0] >= -1e-3).all() and (actions[..., 0] <= 512 + 1e-3).all()
     # torch tensors work as well as numpy arrays; fixed noise makes the result repeatable.
     noise = torch.randn(3, 8, 2, generator=torch.Generator().manual_seed(5))
-    a1 = policy.predict_action_chunk({k: torch.from_numpy(v) for k, v in obs.items()}, sampler="ddim", steps=5, noise=noise)
+    obs_t = {k: torch.from_numpy(v) for k, v in obs.items()}
+    a1 = policy.predict_action_chunk(obs_t, sampler="ddim", steps=5, noise=noise)
     a2 = policy.predict_action_chunk(obs, sampler="ddim", steps=5, noise=noise)
     torch.testing.assert_close(a1, a2)
 
@@ -188,7 +200,8 @@ def test_predict_image_policy_shapes():
     # Float images in 0..255 are accepted and equal uint8 ones.
     noise = torch.randn(2, 8, 2, generator=torch.Generator().manual_seed(1))
     a_uint8 = policy.predict_action_chunk(obs, sampler="ddim", steps=3, noise=noise)
-    a_float = policy.predict_action_chunk({**obs, "image": obs["image"].astype(np.float32)}, sampler="ddim", steps=3, noise=noise)
+    float_obs = {**obs, "image": obs["image"].astype(np.float32)}
+    a_float = policy.predict_action_chunk(float_obs, sampler="ddim", steps=3, noise=noise)
     torch.testing.assert_close(a_uint8, a_float)
     policy.train()
     loss = policy.compute_loss({"obs": obs, "action": rng.uniform(0, 1, (2, 8, 2))})
@@ -200,12 +213,13 @@ def test_save_load_gives_identical_actions(tmp_path):
     policy = lowdim_policy().eval()
     obs = lowdim_obs(batch=2)
     noise = torch.randn(2, 8, 2, generator=torch.Generator().manual_seed(3))
-    before = policy.predict_action_chunk(obs, sampler="ddpm", steps=20, noise=noise, generator=torch.Generator().manual_seed(4))
+    kw = dict(sampler="ddpm", steps=20, noise=noise)
+    before = policy.predict_action_chunk(obs, **kw, generator=torch.Generator().manual_seed(4))
     policy.save_pretrained(tmp_path / "ckpt")
     meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert meta["schema_version"] == 1 and meta["config"]["down_dims"] == [16, 32]
     loaded = DiffusionUnetPolicy.from_pretrained(tmp_path / "ckpt")
-    after = loaded.predict_action_chunk(obs, sampler="ddpm", steps=20, noise=noise, generator=torch.Generator().manual_seed(4))
+    after = loaded.predict_action_chunk(obs, **kw, generator=torch.Generator().manual_seed(4))
     assert torch.equal(before, after)
     assert loaded.config == policy.config
 
@@ -243,7 +257,8 @@ def test_checkpoint_errors(tmp_path):
 def test_observation_errors():
     policy = lowdim_policy().eval()
     obs = lowdim_obs()
-    with pytest.raises(ObservationError, match=r"observation 'keypoint' must have shape \(1, 2, 3, 2\).*got \(1, 2, 6\)"):
+    msg = r"observation 'keypoint' must have shape \(1, 2, 3, 2\).*got \(1, 2, 6\)"
+    with pytest.raises(ObservationError, match=msg):
         policy.predict_action_chunk({**obs, "keypoint": obs["keypoint"].reshape(1, 2, 6)}, steps=2)
     with pytest.raises(ObservationError, match=r"observation 'agent_pos' must have shape \(B, 2, 2\).*got \(1, 3, 2\)"):
         policy.predict_action_chunk({**obs, "agent_pos": np.zeros((1, 3, 2))}, steps=2)

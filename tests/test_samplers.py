@@ -197,7 +197,8 @@ def test_samplers_reach_the_data_distribution():
     noise = torch.randn(256, 16, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     for name, steps in (("ddim", 100), ("ddpm", 100)):
         sigmas = get_sigmas(name, ac, steps)
-        out = get_sampler(name)(den, vp_noise_to_start(noise, sigmas[0]), sigmas, generator=torch.Generator().manual_seed(4))
+        x = vp_noise_to_start(noise, sigmas[0])
+        out = get_sampler(name)(den, x, sigmas, generator=torch.Generator().manual_seed(4))
         assert torch.allclose(out.mean((0, 1)), MU.double(), atol=0.02), name
         assert torch.allclose(out.std((0, 1)), torch.full((2,), SD, dtype=torch.float64), atol=0.03), name
 

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SequenceDataset", "compute_stats", "load_arrays", "sequence_index", "train_val_split"]
 
-# Rows of float64 work space per block when computing statistics, so that a
-# 2.8 GB image array is never copied whole.
+# float64 work space per block when computing statistics, so that a 2.8 GB
+# image array is never copied whole.
 _STATS_BLOCK_BYTES = 64 << 20
 
 

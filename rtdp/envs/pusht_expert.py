@@ -44,6 +44,7 @@ _SEG_A = T_OUTLINE_LOCAL
 _SEG_B = np.roll(T_OUTLINE_LOCAL, -1, axis=0)
 _SEG_D = _SEG_B - _SEG_A
 _SEG_LEN2 = (_SEG_D**2).sum(-1)
+ARENA = (10.0, 502.0)  # pusher centres the expert aims at stay inside this square (walls at 5 and 506)
 
 
 def _rot(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -250,7 +251,25 @@ class PushTExpert:
         dth = np.mod(theta - GOAL_POSE[2] + np.pi - self.turn_bias, 2 * np.pi) - np.pi + self.turn_bias
         return cx**2 + cy**2 + self._rho2 * dth**2
 
-    def _rollout(self, pose: np.ndarray, agent: np.ndarray, direction: np.ndarray, n: int) -> np.ndarray:
+    def predict_push(self, pose: np.ndarray, agent: np.ndarray, direction: np.ndarray, length: float) -> np.ndarray:
+        """Block pose after the pusher moves in a straight line, by the contact model.
+
+        Args:
+            pose: ``(3,)`` block pose (origin x, y, angle).
+            agent: ``(2,)`` pusher start, world pixels.
+            direction: ``(2,)`` unit direction of the stroke.
+            length: stroke length, pixels.
+
+        Returns:
+            ``(3,)`` predicted block pose.
+        """
+        n = int(round(length / self.step_ds))
+        _, cog, theta = self._rollout(pose, np.asarray(agent, float)[None], np.asarray(direction, float)[None], n, True)
+        c, s = np.cos(theta[0]), np.sin(theta[0])
+        origin = cog[0] - np.array([c * self._cog[0] - s * self._cog[1], s * self._cog[0] + c * self._cog[1]])
+        return np.array([origin[0], origin[1], theta[0]])
+
+    def _rollout(self, pose: np.ndarray, agent: np.ndarray, direction: np.ndarray, n: int, final: bool = False):
         """Pose error along straight pusher strokes.
 
         Args:
@@ -260,7 +279,8 @@ class PushTExpert:
             n: number of ``step_ds`` increments.
 
         Returns:
-            ``(K, n + 1)`` pose error after each increment (column 0: now).
+            ``(K, n + 1)`` pose error after each increment (column 0: now);
+            with ``final``, also the final ``(K, 2)`` centres of mass and ``(K,)`` angles.
         """
         k = len(agent)
         c0, s0 = np.cos(pose[2]), np.sin(pose[2])
@@ -289,7 +309,7 @@ class PushTExpert:
                 cog = cog + (impulse * inv_m)[:, None] * nw
                 theta = theta + impulse * rxn * inv_i
             errors[:, i + 1] = self._error(cog, theta)
-        return errors
+        return (errors, cog, theta) if final else errors
 
     # ------------------------------------------------------------------ paths
     def _graph_nodes(self, pose: np.ndarray) -> np.ndarray:
@@ -306,7 +326,7 @@ class PushTExpert:
         centre = _to_world(self._centroid, pose)
         turn = (p[..., 0] - centre[0]) * (q[..., 1] - centre[1]) - (p[..., 1] - centre[1]) * (q[..., 0] - centre[0])
         # going round the block against the episode's preferred sense costs more
-        return length * np.where(turn * self.side < 0, 1.25, 1.0)
+        return length * np.where(turn * self.side < 0, 1.4, 1.0)
 
     def _paths(self, start: np.ndarray, goals: np.ndarray, pose: np.ndarray):
         """Shortest collision-free paths from ``start`` to each of ``goals`` (K, 2).
@@ -363,23 +383,38 @@ class PushTExpert:
         return cost, vias, nodes
 
     # ------------------------------------------------------------------ planning
+    def _reach(self, points: np.ndarray, direction: np.ndarray) -> np.ndarray:
+        """How far ``points`` (K, 2) can move along ``direction`` (K, 2) inside the arena."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lo = (ARENA[0] - points) / direction
+            hi = (ARENA[1] - points) / direction
+        reach = np.where(direction > 1e-9, hi, np.where(direction < -1e-9, lo, np.inf))
+        return np.maximum(reach.min(axis=1), 0.0)
+
+    def _stroke_errors(self, pose: np.ndarray, agent: np.ndarray, direction: np.ndarray, length: float) -> np.ndarray:
+        """Pose errors along strokes, ``inf`` where the stroke would leave the arena."""
+        n = int(length / self.step_ds)
+        errors = self._rollout(pose, agent, direction, n)
+        travel = np.arange(n + 1) * self.step_ds
+        return np.where(travel[None, :] <= self._reach(agent, direction)[:, None], errors, np.inf)
+
     def _choose(self, agent: np.ndarray, pose: np.ndarray) -> dict | None:
         starts = _to_world(self._cand_start, pose)
         c, s = np.cos(pose[2]), np.sin(pose[2])
-        dirs = np.stack([c * self._cand_dir[:, 0] - s * self._cand_dir[:, 1], s * self._cand_dir[:, 0] + c * self._cand_dir[:, 1]], -1)
-        n_inc = int((self.gap + self.max_push) / self.step_ds)
-        errors = self._rollout(pose, starts, dirs, n_inc)
+        cd = self._cand_dir
+        dirs = np.stack([c * cd[:, 0] - s * cd[:, 1], s * cd[:, 0] + c * cd[:, 1]], -1)
+        errors = self._stroke_errors(pose, starts, dirs, self.gap + self.max_push)
         e0 = errors[:, 0]
         best_i = errors.argmin(1)
         best_e = errors[np.arange(len(errors)), best_i]
         gain = np.sqrt(e0) - np.sqrt(best_e)
-        in_arena = np.all((starts > 10.0) & (starts < 502.0), axis=1)
-        cost, vias, nodes = self._paths(agent, starts, pose)
-        steps = cost / (self.travel_lead / 2) + best_i * self.step_ds / (self.push_lead / 2) + 6.0
+        in_arena = np.all((starts > ARENA[0]) & (starts < ARENA[1]), axis=1)
+        cost, _, _ = self._paths(agent, starts, pose)
+        travel_steps = cost / (self.travel_lead / 2)
+        steps = travel_steps + best_i * self.step_ds / (self.push_lead / 2) + 6.0
         rate = np.where(in_arena & np.isfinite(cost) & (gain > 1e-3), gain / steps, -np.inf)
-        for k, left in self._tabu.items():
-            if left > 0 and k < len(rate):
-                rate[k] = -np.inf
+        for k in self._tabu:
+            rate[k] = -np.inf
         self._tabu = {k: v - 1 for k, v in self._tabu.items() if v > 1}
         k = int(np.argmax(rate))
         if not np.isfinite(rate[k]):
@@ -387,9 +422,12 @@ class PushTExpert:
         return {
             "index": k,
             "phase": "travel",
-            "predicted": float(best_e[k]),
             "error0": float(e0[k]),
+            "predicted": float(best_e[k]),
             "length": float(best_i[k] * self.step_ds),
+            # a plan that overruns its estimate this much is stuck (e.g. the block is against a wall)
+            "budget": int(2 * steps[k] + 15),
+            "steps": 0,
         }
 
     def _follow(self, agent: np.ndarray, pose: np.ndarray) -> np.ndarray | None:
@@ -397,10 +435,14 @@ class PushTExpert:
         if plan is None:
             return None
         k = plan["index"]
-        c, s = np.cos(pose[2]), np.sin(pose[2])
+        plan["steps"] += 1
+        if plan["steps"] > plan["budget"]:
+            self._tabu[k] = 3
+            return None
         start = _to_world(self._cand_start[k], pose)
         if plan["phase"] == "travel":
             if np.linalg.norm(agent - start) < 4.0:
+                c, s = np.cos(pose[2]), np.sin(pose[2])
                 d = self._cand_dir[k]
                 plan["phase"] = "push"
                 plan["origin"] = start
@@ -408,15 +450,18 @@ class PushTExpert:
             else:
                 cost, vias, nodes = self._paths(agent, start[None], pose)
                 if not np.isfinite(cost[0]):
+                    self._tabu[k] = 3
                     return None
                 path = [agent] + [nodes[j] for j in vias[0]] + [start]
                 return self._carrot(path, self.travel_lead)
         u, origin = plan["dir"], plan["origin"]
         along = float((agent - origin) @ u)
-        n_inc = int(min(self.max_push, plan["length"] + 40.0) / self.step_ds) + 1
-        errors = self._rollout(pose, agent[None], u[None], n_inc)[0]
+        errors = self._stroke_errors(pose, agent[None], u[None], min(self.max_push, plan["length"] + 40.0))[0]
         rem = int(np.argmin(errors)) * self.step_ds
         if rem < 0.5:
+            achieved = plan["error0"] - float(errors[0])
+            if achieved < 0.25 * (plan["error0"] - plan["predicted"]):
+                self._tabu[k] = 2  # the model was wrong here (walls, contact lost): try elsewhere first
             return None
         end = origin + u * (along + rem)
         ahead = origin + u * (along + min(rem, self.push_lead))

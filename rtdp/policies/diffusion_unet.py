@@ -116,8 +116,12 @@ class DiffusionUnetConfig:
     def __post_init__(self) -> None:
         # Accept lists / hydra containers, store plain tuples so the config
         # round-trips through JSON unchanged.
-        self.lowdim_shapes = {str(k): _int_tuple(v, f"lowdim_shapes[{k!r}]") for k, v in dict(self.lowdim_shapes).items()}
-        self.image_shapes = {str(k): _int_tuple(v, f"image_shapes[{k!r}]") for k, v in dict(self.image_shapes).items()}
+        self.lowdim_shapes = {
+            str(k): _int_tuple(v, f"lowdim_shapes[{k!r}]") for k, v in dict(self.lowdim_shapes).items()
+        }
+        self.image_shapes = {
+            str(k): _int_tuple(v, f"image_shapes[{k!r}]") for k, v in dict(self.image_shapes).items()
+        }
         if isinstance(self.down_dims, str):
             if self.down_dims not in SIZES:
                 raise ConfigError(
@@ -149,7 +153,9 @@ class DiffusionUnetConfig:
         self.clip_sample = bool(self.clip_sample)
 
         if not self.lowdim_shapes and not self.image_shapes:
-            raise ConfigError("the policy needs at least one observation: lowdim_shapes and image_shapes are both empty")
+            raise ConfigError(
+                "the policy needs at least one observation: lowdim_shapes and image_shapes are both empty"
+            )
         both = sorted(set(self.lowdim_shapes) & set(self.image_shapes))
         if both:
             raise ConfigError(f"observation keys must be either low-dim or image, got {both} in both")
@@ -294,7 +300,10 @@ class LimitsNormalizer(nn.Module):
 
     def get_stats(self) -> dict[str, dict[str, np.ndarray]]:
         """Current statistics as ``{key: {"min": ndarray, "max": ndarray}}``."""
-        return {k: {"min": f.min.cpu().numpy().copy(), "max": f.max.cpu().numpy().copy()} for k, f in zip(self.keys, self.fields)}
+        return {
+            k: {"min": f.min.cpu().numpy().copy(), "max": f.max.cpu().numpy().copy()}
+            for k, f in zip(self.keys, self.fields)
+        }
 
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """Env units -> [-1, 1]; x (..., *shape)."""
@@ -320,7 +329,9 @@ class DiffusionUnetPolicy(nn.Module):
         self.lowdim_keys = sorted(config.lowdim_shapes)
         self.image_keys = sorted(config.image_shapes)
         self.image_encoders = nn.ModuleList(
-            ResNetImageEncoder(config.image_shapes[k], config.crop_shape, config.num_keypoints, config.image_feature_dim)
+            ResNetImageEncoder(
+                config.image_shapes[k], config.crop_shape, config.num_keypoints, config.image_feature_dim
+            )
             for k in self.image_keys
         )
         self.model = ConditionalUnet1D(
@@ -360,13 +371,15 @@ class DiffusionUnetPolicy(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Device of the policy's tensors."""
         return self.alphas_cumprod.device
 
     # -------------------------------------------------------------- internals
 
     def _denoiser(self) -> DiscreteEpsDenoiser:
         den = self.__dict__.get("_den")
-        if den is None or den.alphas_cumprod.device != self.device or den.alphas_cumprod.dtype != self.alphas_cumprod.dtype:
+        ac = self.alphas_cumprod
+        if den is None or den.alphas_cumprod.device != ac.device or den.alphas_cumprod.dtype != ac.dtype:
             den = DiscreteEpsDenoiser(
                 self.model, self.alphas_cumprod, clip_x0=1.0 if self.config.clip_sample else None
             )
@@ -401,7 +414,9 @@ class DiffusionUnetPolicy(nn.Module):
             except (TypeError, ValueError, RuntimeError) as exc:
                 raise ObservationError(f"observation {key!r} is not an array: {exc}") from None
             shape = cfg.image_shapes[key] if key in cfg.image_shapes else cfg.lowdim_shapes[key]
-            steps_ok = value.ndim >= 2 and (value.shape[1] == cfg.n_obs_steps if exact_steps else value.shape[1] >= cfg.n_obs_steps)
+            steps_ok = value.ndim >= 2 and (
+                value.shape[1] == cfg.n_obs_steps if exact_steps else value.shape[1] >= cfg.n_obs_steps
+            )
             if value.ndim != 2 + len(shape) or not steps_ok or tuple(value.shape[2:]) != shape or (
                 batch is not None and value.shape[0] != batch
             ):
@@ -507,7 +522,8 @@ class DiffusionUnetPolicy(nn.Module):
         name = cfg.sampler if sampler is None else sampler
         sample_fn = get_sampler(name)
         steps = cfg.num_inference_steps if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= cfg.num_train_timesteps:
+        valid = not isinstance(steps, bool) and isinstance(steps, (int, np.integer))
+        if not valid or not 1 <= steps <= cfg.num_train_timesteps:
             raise ConfigError(f"steps must be an int in 1..{cfg.num_train_timesteps}, got {steps!r}")
         sigmas = self._sigmas(name, int(steps))
         cond = self._encode(self._check_obs(obs, exact_steps=True), random_crop=False)
@@ -545,7 +561,9 @@ class DiffusionUnetPolicy(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device | None = None) -> "DiffusionUnetPolicy":
+    def from_pretrained(
+        cls, directory: str | Path, *, device: str | torch.device | None = None
+    ) -> "DiffusionUnetPolicy":
         """Load a policy written by ``save_pretrained``.
 
         Args:
@@ -567,7 +585,9 @@ class DiffusionUnetPolicy(nn.Module):
             raise CheckpointError(f"checkpoint folder {str(path)!r} does not exist")
         cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
         if not cfg_path.is_file():
-            raise CheckpointError(f"checkpoint {str(path)!r} has no {CONFIG_FILE}; it is incomplete or not an rtdp checkpoint")
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has no {CONFIG_FILE}; it is incomplete or not an rtdp checkpoint"
+            )
         try:
             meta = json.loads(cfg_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -584,7 +604,7 @@ class DiffusionUnetPolicy(nn.Module):
             raise CheckpointError(f"{cfg_path} is a {meta.get('policy_type')!r} checkpoint, not {POLICY_TYPE!r}")
         try:
             config = DiffusionUnetConfig.from_dict(meta.get("config", {}))
-        except (ConfigError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:  # ConfigError is a ValueError
             raise CheckpointError(f"{cfg_path} holds an invalid config: {exc}") from exc
         if not weights_path.is_file():
             raise CheckpointError(f"checkpoint {str(path)!r} has no {WEIGHTS_FILE}")

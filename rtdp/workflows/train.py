@@ -244,7 +244,7 @@ def train(cfg) -> dict[str, Any]:
                     pe.mul_(decay).add_(pm.detach(), alpha=1.0 - decay)
                 for be, bm in zip(ema.buffers(), model.buffers()):
                     be.copy_(bm)
-            loss_acc += float(loss)
+            loss_acc += float(loss.detach())
             loss_n += 1
             now = time.perf_counter()
             train_time += now - t_last
