@@ -133,12 +133,17 @@ def _point_clearance(p: np.ndarray) -> np.ndarray:
     return np.where(_inside_t(p), 0.0, dist)
 
 
-def _candidates(gap: float, spacing: float, corner_angles: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _candidates(
+    gap: float, spacing: float, corner_angles: tuple[float, ...], approach: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Candidate pushes in the block frame.
 
     Returns:
-        ``(start, direction)``: ``(K, 2)`` pusher centre where the push starts
-        (``gap`` pixels before touching) and ``(K, 2)`` unit push directions.
+        ``(start, direction, run_up)``: ``(K, 2)`` pusher centre where the push
+        starts (``gap`` pixels before touching), ``(K, 2)`` unit push
+        directions, and ``(K, 2)`` the point ``approach`` pixels further back
+        along the push line from which the pusher runs up to the start
+        (the start itself where a pocket of the T leaves no room).
     """
     area2 = (_SEG_A[:, 0] * _SEG_B[:, 1] - _SEG_B[:, 0] * _SEG_A[:, 1]).sum()
     tangents = _SEG_D / np.sqrt(_SEG_LEN2)[:, None]
@@ -167,7 +172,10 @@ def _candidates(gap: float, spacing: float, corner_angles: tuple[float, ...]) ->
     # happens at the intended point, not on a neighbouring face of a pocket
     touch = starts + dirs * gap
     ok = (_point_clearance(starts) >= AGENT_RADIUS + 0.5 * gap) & (_point_clearance(touch) >= AGENT_RADIUS - 1e-6)
-    return starts[ok], dirs[ok]
+    starts, dirs = starts[ok], dirs[ok]
+    run_up = starts - dirs * approach
+    free = (_point_clearance(run_up) >= AGENT_RADIUS + gap) & (_segment_clearance(run_up, starts) >= AGENT_RADIUS + 0.5 * gap)
+    return starts, dirs, np.where(free[:, None], run_up, starts)
 
 
 class PushTExpert:
@@ -207,7 +215,8 @@ class PushTExpert:
         self.clearance = AGENT_RADIUS + 9.0  # travel keeps this far from the T
         self.step_ds = 2.0
         self.max_push = 160.0
-        self._cand_start, self._cand_dir = _candidates(self.gap, 6.0, (np.pi / 6, np.pi / 3))
+        self._cand_start, self._cand_dir, self._cand_run_up = _candidates(self.gap, 6.0, (np.pi / 6, np.pi / 3), 15.0)
+        self._run_up_len = np.linalg.norm(self._cand_start - self._cand_run_up, axis=1)
         self._seed = seed
         self.reset()
 
@@ -222,6 +231,8 @@ class PushTExpert:
         self.turn_bias = 0.35 * (1.0 if rng.random() < 0.5 else -1.0)
         self._plan: dict | None = None
         self._tabu: dict[int, int] = {}
+        self._prev_agent: np.ndarray | None = None
+        self._prev_lead_on = True
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """Next target pusher position, ``(2,)`` float32 pixels.
@@ -231,6 +242,11 @@ class PushTExpert:
         """
         state = np.asarray(obs["state"], dtype=np.float64)
         agent, pose = state[:2], state[2:5]
+        speed = 0.0 if self._prev_agent is None else float(np.linalg.norm(agent - self._prev_agent))
+        self._prev_agent = agent
+        # the travel target runs further ahead as the pusher speeds up, so it
+        # accelerates over a few steps instead of jumping off at full speed
+        self._lead = float(np.clip(12.0 + 2.5 * speed, 12.0, self.travel_lead)) if self._prev_lead_on else self.travel_lead
         for _ in range(3):
             if self._plan is None:
                 self._plan = self._choose(agent, pose)
@@ -409,8 +425,9 @@ class PushTExpert:
         best_e = errors[np.arange(len(errors)), best_i]
         gain = np.sqrt(e0) - np.sqrt(best_e)
         in_arena = np.all((starts > ARENA[0]) & (starts < ARENA[1]), axis=1)
-        cost, _, _ = self._paths(agent, starts, pose)
-        travel_steps = cost / (self.travel_lead / 2)
+        run_ups = _to_world(self._cand_run_up, pose)
+        cost, _, _ = self._paths(agent, run_ups, pose)
+        travel_steps = (cost + self._run_up_len) / (self.travel_lead / 2)
         steps = travel_steps + best_i * self.step_ds / (self.push_lead / 2) + 6.0
         rate = np.where(in_arena & np.isfinite(cost) & (gain > 1e-3), gain / steps, -np.inf)
         for k in self._tabu:
@@ -441,19 +458,23 @@ class PushTExpert:
             return None
         start = _to_world(self._cand_start[k], pose)
         if plan["phase"] == "travel":
-            if np.linalg.norm(agent - start) < 4.0:
-                c, s = np.cos(pose[2]), np.sin(pose[2])
-                d = self._cand_dir[k]
+            c, s = np.cos(pose[2]), np.sin(pose[2])
+            d = self._cand_dir[k]
+            u = np.array([c * d[0] - s * d[1], s * d[0] + c * d[1]])
+            rel = agent - start
+            # on the run-up line (or at the start): the push takes over without stopping
+            if abs(rel[0] * u[1] - rel[1] * u[0]) < 4.0 and -self._run_up_len[k] - 4.0 <= rel @ u <= 2.0:
                 plan["phase"] = "push"
                 plan["origin"] = start
-                plan["dir"] = np.array([c * d[0] - s * d[1], s * d[0] + c * d[1]])
+                plan["dir"] = u
             else:
-                cost, vias, nodes = self._paths(agent, start[None], pose)
+                run_up = _to_world(self._cand_run_up[k], pose)
+                cost, vias, nodes = self._paths(agent, run_up[None], pose)
                 if not np.isfinite(cost[0]):
                     self._tabu[k] = 3
                     return None
-                path = [agent] + [nodes[j] for j in vias[0]] + [start]
-                return self._carrot(path, self.travel_lead)
+                path = [agent] + [nodes[j] for j in vias[0]] + [run_up, start]
+                return self._carrot(path, self._lead)
         u, origin = plan["dir"], plan["origin"]
         along = float((agent - origin) @ u)
         errors = self._stroke_errors(pose, agent[None], u[None], min(self.max_push, plan["length"] + 40.0))[0]
