@@ -73,6 +73,7 @@ BLOCK_KEYPOINTS_LOCAL = np.array(
 )
 
 OBS_MODES = ("state", "image")
+_KEYPOINT_REACH = float(np.ceil(np.linalg.norm(BLOCK_KEYPOINTS_LOCAL, axis=1).max()))
 
 
 def block_keypoints(block_pose: np.ndarray) -> np.ndarray:
@@ -175,7 +176,8 @@ class PushTEnv(gym.Env):
                 high=np.array([512, 512, 512, 512, 2 * np.pi], dtype=np.float32),
                 dtype=np.float32,
             ),
-            "keypoint": spaces.Box(0.0, 512.0, shape=(9, 2), dtype=np.float32),
+            # keypoints reach past the block origin's range (a start may overlap a wall)
+            "keypoint": spaces.Box(-_KEYPOINT_REACH, 512.0 + _KEYPOINT_REACH, shape=(9, 2), dtype=np.float32),
         }
         if obs_mode == "image":
             obs["img"] = spaces.Box(0, 255, shape=(96, 96, 3), dtype=np.uint8)

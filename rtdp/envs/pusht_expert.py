@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rtdp.envs.pusht import AGENT_RADIUS, GOAL_POSE, T_OUTLINE_LOCAL
+from rtdp.envs.pusht import AGENT_RADIUS, GOAL_POSE, T_OUTLINE_LOCAL, PushTEnv
+from rtdp.errors import ConfigError, ObservationError
 
 _RECTS = np.array([[-60.0, 0.0, 60.0, 30.0], [-15.0, 30.0, 15.0, 120.0]])  # xmin, ymin, xmax, ymax
 _SEG_A = T_OUTLINE_LOCAL
@@ -45,10 +46,6 @@ _SEG_B = np.roll(T_OUTLINE_LOCAL, -1, axis=0)
 _SEG_D = _SEG_B - _SEG_A
 _SEG_LEN2 = (_SEG_D**2).sum(-1)
 ARENA = (10.0, 502.0)  # pusher centres the expert aims at stay inside this square (walls at 5 and 506)
-
-
-def _rot(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.cos(theta), np.sin(theta)
 
 
 def _to_body(points: np.ndarray, pose: np.ndarray) -> np.ndarray:
@@ -153,8 +150,8 @@ def _candidates(
     for a, length, t, n in zip(_SEG_A, np.sqrt(_SEG_LEN2), tangents, normals):
         m = max(1, int(round(length / spacing)))
         for f in np.linspace(0.0, 1.0, m + 1):
-            touch = a + f * length * t - n * AGENT_RADIUS
-            starts.append(touch - n * gap)
+            touching = a + f * length * t - n * AGENT_RADIUS  # pusher centre when it touches
+            starts.append(touching - n * gap)
             dirs.append(n)
     # diagonal pushes at the outer corners (where the two adjacent faces meet convexly)
     for i in range(len(_SEG_A)):
@@ -181,17 +178,37 @@ def _candidates(
 class PushTExpert:
     """Deterministic push planner for :class:`rtdp.envs.pusht.PushTEnv`.
 
+    Only ``obs["state"]`` is read, so the actions are a function of what a
+    policy observes (block pose and pusher position, and the pusher's speed
+    from the previous observation), of the push under way, and of two
+    per-episode choices.
+
     Args:
-        env: the environment (wrapped or not); read for its block's mass
-            properties and, at :meth:`reset`, its generator.
-        travel_lead: how far ahead along the travel path the target is put,
-            pixels (the pusher moves at about ``travel_lead / 2`` px per step).
-        push_lead: the same while pushing.
+        env: a :class:`~rtdp.envs.pusht.PushTEnv`, wrapped or not; read for the
+            block's mass properties and, at :meth:`reset`, its generator.
+        travel_lead: how far ahead along the travel path the target runs at
+            full speed, pixels; the pusher then moves about half that per step.
+        min_lead: the same when the pusher is at rest; the lead grows with
+            speed, so the pusher accelerates over a few steps.
+        push_lead: how far ahead of the pusher the target runs while pushing.
         seed: fixes the per-episode choices for every episode instead of
             drawing them from the env's generator at :meth:`reset`.
+
+    Raises:
+        ConfigError: ``env`` is not a PushT environment.
     """
 
-    def __init__(self, env, *, travel_lead: float = 40.0, push_lead: float = 24.0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        env,
+        *,
+        travel_lead: float = 40.0,
+        min_lead: float = 20.0,
+        push_lead: float = 24.0,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(getattr(env, "unwrapped", None), PushTEnv):
+            raise ConfigError(f"PushTExpert needs an rtdp PushT environment; got {env!r}")
         self._env = env.unwrapped
         block = self._env.block_body
         self._mass = float(block.mass)
@@ -210,13 +227,13 @@ class PushTExpert:
         )
 
         self.travel_lead = float(travel_lead)
+        self.min_lead = float(min_lead)
         self.push_lead = float(push_lead)
         self.gap = 5.0
         self.clearance = AGENT_RADIUS + 9.0  # travel keeps this far from the T
         self.step_ds = 2.0
         self.max_push = 160.0
         self._cand_start, self._cand_dir, self._cand_run_up = _candidates(self.gap, 6.0, (np.pi / 6, np.pi / 3), 15.0)
-        self._run_up_len = np.linalg.norm(self._cand_start - self._cand_run_up, axis=1)
         self._seed = seed
         self.reset()
 
@@ -232,21 +249,27 @@ class PushTExpert:
         self._plan: dict | None = None
         self._tabu: dict[int, int] = {}
         self._prev_agent: np.ndarray | None = None
-        self._prev_lead_on = True
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """Next target pusher position, ``(2,)`` float32 pixels.
 
         Args:
             obs: observation dict with ``state`` (5,) (agent x, y, block x, y, angle).
+
+        Raises:
+            ObservationError: ``obs`` has no finite 5-element ``state``.
         """
-        state = np.asarray(obs["state"], dtype=np.float64)
+        state = np.asarray(obs.get("state", np.empty(0)) if isinstance(obs, dict) else np.empty(0), dtype=np.float64)
+        if state.shape != (5,) or not np.all(np.isfinite(state)):
+            raise ObservationError(
+                "PushTExpert.act needs obs['state'] = [agent x, agent y, block x, block y, angle] (5 finite floats)"
+            )
         agent, pose = state[:2], state[2:5]
         speed = 0.0 if self._prev_agent is None else float(np.linalg.norm(agent - self._prev_agent))
         self._prev_agent = agent
         # the travel target runs further ahead as the pusher speeds up, so it
         # accelerates over a few steps instead of jumping off at full speed
-        self._lead = float(np.clip(12.0 + 2.5 * speed, 12.0, self.travel_lead)) if self._prev_lead_on else self.travel_lead
+        self._lead = float(np.clip(self.min_lead + 2.5 * speed, self.min_lead, self.travel_lead))
         for _ in range(3):
             if self._plan is None:
                 self._plan = self._choose(agent, pose)
@@ -348,21 +371,25 @@ class PushTExpert:
         """Shortest collision-free paths from ``start`` to each of ``goals`` (K, 2).
 
         Returns:
-            ``(cost, via)``: ``(K,)`` path costs (inf if unreachable) and, per
-            goal, the graph-node sequence to pass through.
+            ``(cost, via, nodes)``: ``(K,)`` path costs (inf if unreachable),
+            per goal the sequence of graph nodes to pass through, and the
+            ``(6, 2)`` node positions (offset outer corners of the T).
         """
         nodes = self._graph_nodes(pose)
         nn = len(nodes)
+        # corners beyond the arena cannot be used: the pusher cannot pass a block that touches a wall
+        usable = np.all((nodes > ARENA[0]) & (nodes < ARENA[1]), axis=1)
         clear_start = float(_point_clearance(_to_body(start[None], pose))[0])
         clear_goals = _point_clearance(_to_body(goals, pose))
         r = self.clearance
         # an edge may come as close to the T as its own end points are, no closer
         ii, jj = np.meshgrid(np.arange(nn), np.arange(nn), indexing="ij")
         ok_nn = self._edge_ok(nodes[ii.ravel()], nodes[jj.ravel()], pose, np.full(nn * nn, r)).reshape(nn, nn)
+        ok_nn &= usable[:, None] & usable[None, :]
         cost_nn = np.where(ok_nn, self._edge_cost(nodes[ii], nodes[jj], pose), np.inf)
         need_s = min(r, clear_start - 0.5)
         ok_sn = self._edge_ok(np.tile(start, (nn, 1)), nodes, pose, np.full(nn, need_s))
-        dist = np.where(ok_sn, self._edge_cost(np.tile(start, (nn, 1)), nodes, pose), np.inf)
+        dist = np.where(ok_sn & usable, self._edge_cost(np.tile(start, (nn, 1)), nodes, pose), np.inf)
         prev = np.full(nn, -1)
         # Bellman-Ford on six nodes: cheaper than a heap here
         for _ in range(nn):
@@ -377,7 +404,7 @@ class PushTExpert:
         need_g = np.minimum(r, clear_goals - 0.5)
         gi = np.repeat(np.arange(k), nn)
         ni = np.tile(np.arange(nn), k)
-        ok_ng = self._edge_ok(nodes[ni], goals[gi], pose, need_g[gi]).reshape(k, nn)
+        ok_ng = self._edge_ok(nodes[ni], goals[gi], pose, need_g[gi]).reshape(k, nn) & usable[None, :]
         cost_ng = np.where(ok_ng, self._edge_cost(nodes[ni], goals[gi], pose).reshape(k, nn), np.inf)
         total = dist[None, :] + cost_ng
         last = total.argmin(1)
@@ -414,7 +441,14 @@ class PushTExpert:
         travel = np.arange(n + 1) * self.step_ds
         return np.where(travel[None, :] <= self._reach(agent, direction)[:, None], errors, np.inf)
 
+    def _run_ups(self, starts: np.ndarray, pose: np.ndarray, index: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """World run-up points of candidates ``index``; the start itself where the run-up leaves the arena."""
+        run_ups = _to_world(self._cand_run_up[index], pose)
+        inside = np.all((run_ups > ARENA[0]) & (run_ups < ARENA[1]), axis=-1)
+        return np.where(inside[..., None], run_ups, starts)
+
     def _choose(self, agent: np.ndarray, pose: np.ndarray) -> dict | None:
+        """Pick the candidate push with the best predicted progress per step."""
         starts = _to_world(self._cand_start, pose)
         c, s = np.cos(pose[2]), np.sin(pose[2])
         cd = self._cand_dir
@@ -425,17 +459,20 @@ class PushTExpert:
         best_e = errors[np.arange(len(errors)), best_i]
         gain = np.sqrt(e0) - np.sqrt(best_e)
         in_arena = np.all((starts > ARENA[0]) & (starts < ARENA[1]), axis=1)
-        run_ups = _to_world(self._cand_run_up, pose)
+        run_ups = self._run_ups(starts, pose)
         cost, _, _ = self._paths(agent, run_ups, pose)
-        travel_steps = (cost + self._run_up_len) / (self.travel_lead / 2)
+        travel_steps = (cost + np.linalg.norm(starts - run_ups, axis=1)) / (self.travel_lead / 2)
         steps = travel_steps + best_i * self.step_ds / (self.push_lead / 2) + 6.0
         rate = np.where(in_arena & np.isfinite(cost) & (gain > 1e-3), gain / steps, -np.inf)
-        for k in self._tabu:
-            rate[k] = -np.inf
+        allowed = rate.copy()
+        allowed[list(self._tabu)] = -np.inf
         self._tabu = {k: v - 1 for k, v in self._tabu.items() if v > 1}
-        k = int(np.argmax(rate))
-        if not np.isfinite(rate[k]):
-            return None
+        k = int(np.argmax(allowed))
+        if not np.isfinite(allowed[k]):
+            # every useful push has failed recently: retrying one beats standing still
+            k = int(np.argmax(rate))
+            if not np.isfinite(rate[k]):
+                return None
         return {
             "index": k,
             "phase": "travel",
@@ -448,6 +485,7 @@ class PushTExpert:
         }
 
     def _follow(self, agent: np.ndarray, pose: np.ndarray) -> np.ndarray | None:
+        """Target for the current plan, or None when the plan is over."""
         plan = self._plan
         if plan is None:
             return None
@@ -463,12 +501,12 @@ class PushTExpert:
             u = np.array([c * d[0] - s * d[1], s * d[0] + c * d[1]])
             rel = agent - start
             # on the run-up line (or at the start): the push takes over without stopping
-            if abs(rel[0] * u[1] - rel[1] * u[0]) < 4.0 and -self._run_up_len[k] - 4.0 <= rel @ u <= 2.0:
+            run_up = self._run_ups(start, pose, k)
+            if abs(rel[0] * u[1] - rel[1] * u[0]) < 4.0 and -np.linalg.norm(start - run_up) - 4.0 <= rel @ u <= 2.0:
                 plan["phase"] = "push"
                 plan["origin"] = start
                 plan["dir"] = u
             else:
-                run_up = _to_world(self._cand_run_up[k], pose)
                 cost, vias, nodes = self._paths(agent, run_up[None], pose)
                 if not np.isfinite(cost[0]):
                     self._tabu[k] = 3
@@ -478,18 +516,24 @@ class PushTExpert:
         u, origin = plan["dir"], plan["origin"]
         along = float((agent - origin) @ u)
         errors = self._stroke_errors(pose, agent[None], u[None], min(self.max_push, plan["length"] + 40.0))[0]
-        rem = int(np.argmin(errors)) * self.step_ds
+        i = int(np.argmin(errors))
+        rem = i * self.step_ds
+        if 0 < i < len(errors) - 1 and np.isfinite(errors[i + 1]):
+            # sub-increment minimum of the parabola through the three lowest samples
+            curv = errors[i - 1] - 2 * errors[i] + errors[i + 1]
+            if curv > 0:
+                rem += float(np.clip(0.5 * (errors[i - 1] - errors[i + 1]) / curv, -0.5, 0.5)) * self.step_ds
         if rem < 0.5:
             achieved = plan["error0"] - float(errors[0])
             if achieved < 0.25 * (plan["error0"] - plan["predicted"]):
                 self._tabu[k] = 2  # the model was wrong here (walls, contact lost): try elsewhere first
             return None
-        end = origin + u * (along + rem)
-        ahead = origin + u * (along + min(rem, self.push_lead))
-        return ahead if rem > self.push_lead else end
+        # on the push line (which corrects sideways drift), never past where the push should end
+        return origin + u * (along + min(rem, self.push_lead))
 
     @staticmethod
     def _carrot(path: list[np.ndarray], lead: float) -> np.ndarray:
+        """The point ``lead`` pixels along a polyline (its end if shorter)."""
         left = lead
         for p, q in zip(path[:-1], path[1:]):
             seg = float(np.linalg.norm(q - p))
