@@ -276,15 +276,16 @@ class PushTEnv(gym.Env):
         st = np.asarray(state, dtype=np.float64).reshape(-1)
         if st.shape != (5,) or not np.all(np.isfinite(st)):
             raise ConfigError(f"a PushT state is 5 finite floats [agent x, y, block x, y, angle]; got {state!r}")
+        # A fresh space: pymunk keeps each body's position-correction velocity
+        # from the last contact solve (not exposed) and applies it on the next
+        # step, which would nudge a teleported block by up to a pixel or two.
+        self._sim._setup()
         agent, block = self._sim.agent, self._sim.block
         agent.position = (st[0], st[1])
-        agent.velocity = (0.0, 0.0)
         # pymunk rotates a body about its centre of mass, which moves the
         # origin; setting the angle first keeps the origin where asked.
         block.angle = st[4]
         block.position = (st[2], st[3])
-        block.velocity = (0.0, 0.0)
-        block.angular_velocity = 0.0
         self._sim.space.reindex_shapes_for_body(block)
         self._sim.space.reindex_shapes_for_body(agent)
         if self.obs_mode == "image":

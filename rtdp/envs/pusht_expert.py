@@ -171,7 +171,9 @@ def _candidates(
     ok = (_point_clearance(starts) >= AGENT_RADIUS + 0.5 * gap) & (_point_clearance(touch) >= AGENT_RADIUS - 1e-6)
     starts, dirs = starts[ok], dirs[ok]
     run_up = starts - dirs * approach
-    free = (_point_clearance(run_up) >= AGENT_RADIUS + gap) & (_segment_clearance(run_up, starts) >= AGENT_RADIUS + 0.5 * gap)
+    free = (_point_clearance(run_up) >= AGENT_RADIUS + gap) & (
+        _segment_clearance(run_up, starts) >= AGENT_RADIUS + 0.5 * gap
+    )
     return starts, dirs, np.where(free[:, None], run_up, starts)
 
 
@@ -323,7 +325,8 @@ class PushTExpert:
         """
         k = len(agent)
         c0, s0 = np.cos(pose[2]), np.sin(pose[2])
-        cog = np.tile(pose[:2] + np.array([c0 * self._cog[0] - s0 * self._cog[1], s0 * self._cog[0] + c0 * self._cog[1]]), (k, 1))
+        cog0 = pose[:2] + np.array([c0 * self._cog[0] - s0 * self._cog[1], s0 * self._cog[0] + c0 * self._cog[1]])
+        cog = np.tile(cog0, (k, 1))
         theta = np.full(k, pose[2])
         a = agent.copy()
         errors = np.empty((k, n + 1))
