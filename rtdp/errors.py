@@ -49,6 +49,10 @@ class ObservationError(RtdpError, ValueError):
     """An observation has the wrong keys, shape, or non-finite values."""
 
 
+class ActionError(RtdpError, ValueError):
+    """An action has the wrong shape or non-finite values."""
+
+
 class MissingDependencyError(RtdpError, ImportError):
     """An optional dependency (an extra) is not installed."""
 
@@ -58,7 +62,8 @@ def require_package(module: str, extra: str, purpose: str):
 
     Args:
         module: module name to import, e.g. ``"robosuite"``.
-        extra: the rtdp extra that provides it, e.g. ``"sim"``.
+        extra: the rtdp extra that provides it, e.g. ``"sim"``; ``""`` for a
+            core dependency.
         purpose: what needs it, for the message.
     """
     import importlib
@@ -66,7 +71,8 @@ def require_package(module: str, extra: str, purpose: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        target = f"'rtdp[{extra}]'" if extra else "rtdp"
         raise MissingDependencyError(
             f"{purpose} needs the '{module}' package, which is not installed: "
-            f"pip install 'rtdp[{extra}]' (or bash scripts/setup.sh, which installs every extra)"
+            f"pip install {target} (or bash scripts/setup.sh, which installs every extra)"
         ) from exc

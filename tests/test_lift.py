@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtdp.errors import ConfigError
+from rtdp.errors import ActionError
 
 EVAL_SEED = 100000
 
@@ -96,9 +96,9 @@ def test_actions_are_clipped_and_validated(env):
     big = np.array([5.0, -7.0, 3.0, 0.0, 0.0, 9.0, 4.0])
     _assert_same(_rollout(env, 3, [big] * 3), _rollout(env, 3, [np.clip(big, -1, 1)] * 3))
     env.reset(seed=3)
-    with pytest.raises(ConfigError, match="shape"):
+    with pytest.raises(ActionError, match="shape"):
         env.step(np.zeros(6))
-    with pytest.raises(ConfigError, match="non-finite"):
+    with pytest.raises(ActionError, match="non-finite"):
         env.step(np.array([0, 0, 0, 0, 0, 0, np.nan]))
 
 

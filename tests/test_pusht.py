@@ -17,7 +17,7 @@ from rtdp.envs.pusht import (  # noqa: E402
     block_keypoints,
     derive_block_keypoints,
 )
-from rtdp.errors import ConfigError  # noqa: E402
+from rtdp.errors import ActionError, ConfigError  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pusht_cchi_v7_replay.zarr"
 GOAL_STATE = [100.0, 100.0, *GOAL_POSE]
@@ -42,9 +42,9 @@ def test_bad_arguments_raise_config_error():
         PushTEnv(obs_mode="pixels")
     env = PushTEnv()
     env.reset(seed=0)
-    with pytest.raises(ConfigError, match="action"):
+    with pytest.raises(ActionError, match="action"):
         env.step(np.zeros(3))
-    with pytest.raises(ConfigError, match="action"):
+    with pytest.raises(ActionError, match="action"):
         env.step(np.array([np.nan, 1.0]))
     with pytest.raises(ConfigError, match="state"):
         env.reset(options={"reset_to_state": [1.0, 2.0]})

@@ -21,7 +21,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from rtdp.errors import ConfigError, ObservationError, require_package
+from rtdp.errors import ActionError, ConfigError, ObservationError, require_package
 
 #: Observation keys and sizes, in the order robomimic lists them for low-dim Lift.
 OBS_DIMS: dict[str, int] = {
@@ -234,13 +234,13 @@ class LiftEnv(gymnasium.Env):
             sparse reward (1 on success), ``terminated`` is True on success.
 
         Raises:
-            ConfigError: the action has the wrong shape or non-finite values.
+            ActionError: the action has the wrong shape or non-finite values.
         """
         action = np.asarray(action, dtype=np.float64)
         if action.shape != (ACTION_DIM,):
-            raise ConfigError(f"Lift actions have shape ({ACTION_DIM},); got {action.shape}")
+            raise ActionError(f"Lift actions have shape ({ACTION_DIM},); got {action.shape}")
         if not np.all(np.isfinite(action)):
-            raise ConfigError(f"Lift action has non-finite values: {action}")
+            raise ActionError(f"Lift action has non-finite values: {action}")
         raw, reward, _, _ = self._env.step(np.clip(action, -1.0, 1.0))
         success = bool(self._env._check_success())
         info = {"is_success": success, "score": float(success)}

@@ -31,7 +31,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from rtdp.errors import ConfigError, require_package
+from rtdp.errors import ActionError, ConfigError, require_package
 
 #: Goal pose of the block origin, ``(x, y, angle)``, fixed by gym_pusht.
 GOAL_POSE = np.array([256.0, 256.0, np.pi / 4])
@@ -104,9 +104,9 @@ def derive_block_keypoints(n_keypoints: int = 9, seed: int = 0) -> np.ndarray:
         ``(n_keypoints, 2)`` float64 keypoints in the block frame.
     """
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
-    pygame = require_package("pygame", extra="sim", purpose="deriving PushT keypoints")
-    pymunk = require_package("pymunk", extra="sim", purpose="deriving PushT keypoints")
-    pusht = require_package("gym_pusht.envs.pusht", extra="sim", purpose="deriving PushT keypoints")
+    pygame = require_package("pygame", extra="", purpose="deriving PushT keypoints")
+    pymunk = require_package("pymunk", extra="", purpose="deriving PushT keypoints")
+    pusht = require_package("gym_pusht.envs.pusht", extra="", purpose="deriving PushT keypoints")
     from gym_pusht.envs.pymunk_override import DrawOptions
 
     origin = np.array([256.0, 300.0])
@@ -152,7 +152,7 @@ class PushTEnv(gym.Env):
         if int(render_size) != render_size or render_size < 8:
             raise ConfigError(f"render_size must be an integer >= 8; got {render_size!r}")
         os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
-        sim = require_package("gym_pusht.envs.pusht", extra="sim", purpose="rtdp/PushT-v0")
+        sim = require_package("gym_pusht.envs.pusht", extra="", purpose="rtdp/PushT-v0")
 
         self.obs_mode = obs_mode
         self.render_mode = "rgb_array"
@@ -224,11 +224,11 @@ class PushTEnv(gym.Env):
             ``(obs, reward, terminated, truncated, info)``; reward is the score.
 
         Raises:
-            ConfigError: the action does not have shape (2,) or is not finite.
+            ActionError: the action does not have shape (2,) or is not finite.
         """
         act = np.asarray(action, dtype=np.float64)
         if act.shape != (2,) or not np.all(np.isfinite(act)):
-            raise ConfigError(f"PushT action must be 2 finite floats (target x, y in pixels); got {action!r}")
+            raise ActionError(f"PushT action must be 2 finite floats (target x, y in pixels); got {action!r}")
         obs, _, _, _, _ = self._sim.step(act)
         if self.obs_mode == "image":
             self._img = obs["pixels"]
