@@ -111,7 +111,7 @@ def _load_state(path: Path, model, ema, opt, np_rng: np.random.Generator) -> dic
     return meta
 
 
-def _plot_curves(out: Path, log: list[dict]) -> None:
+def _plot_curves(out: Path, log: list[dict], threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,7 +136,7 @@ def _plot_curves(out: Path, log: list[dict]) -> None:
         ax = axes[0, 1]
         ax.plot([r["time_s"] / 60 for r in evals], [r["eval_score"] for r in evals], "o-", label="mean score")
         ax.plot([r["time_s"] / 60 for r in evals], [r["eval_success"] for r in evals], "s--", label="success rate")
-        ax.set_xlabel("training time (min, 2 CPU cores)")
+        ax.set_xlabel(f"training time (min, {threads} torch thread{'s' if threads > 1 else ''})")
         ax.set_ylim(0, 1.02)
         ax.legend()
         ax.set_title("evaluation during training")
@@ -216,7 +216,7 @@ def train(cfg) -> dict[str, Any]:
             json.dumps({**run_info, "train_steps": step, "train_time_s": round(train_time, 1)}, indent=2)
         )
         _save_state(state_dir, model, ema, opt, step, np_rng, {"train_time_s": train_time, "log": log, "run": run_info})
-        _plot_curves(out, log)
+        _plot_curves(out, log, int(cfg.threads))
 
     def evaluate() -> None:
         seeds = list(task.eval_seeds)[: int(cfg.eval_episodes)]
