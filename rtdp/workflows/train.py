@@ -126,7 +126,7 @@ def _plot_curves(out: Path, log: list[dict], threads: int) -> None:
         vals = np.array([r["loss"] for r in losses])
         ax.plot(steps, vals, alpha=0.35, label="loss")
         k = max(1, len(vals) // 30)
-        if len(vals) > k:
+        if k > 1 and len(vals) > k:
             ax.plot(steps[k - 1 :], np.convolve(vals, np.ones(k) / k, mode="valid"), label=f"loss (mean of {k})")
         ax.set_yscale("log")
         ax.set_xlabel("optimiser step")
