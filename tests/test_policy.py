@@ -70,7 +70,7 @@ def test_unet_shapes_and_sizes():
     # A scalar timestep broadcasts over the batch.
     scalar_t = net(torch.zeros(2, 16, 3), 5, torch.zeros(2, 10))[0]
     torch.testing.assert_close(scalar_t, net(torch.zeros(1, 16, 3), torch.tensor([5]), torch.zeros(1, 10))[0])
-    assert set(SIZES) == {"small", "dp_lowdim", "dp_image"}
+    assert set(SIZES) == {"small", "medium", "dp_lowdim", "dp_image"}
     assert SIZES["dp_lowdim"] == (256, 512, 1024) and SIZES["dp_image"] == (512, 1024, 2048)
 
 
@@ -79,7 +79,7 @@ def test_config_validation_messages():
         DiffusionUnetConfig(lowdim_shapes={"s": (2,)}, action_dim=2, sampler="euler")
     with pytest.raises(ConfigError, match="beta_schedule must be one of"):
         DiffusionUnetConfig(lowdim_shapes={"s": (2,)}, action_dim=2, beta_schedule="cosine")
-    with pytest.raises(ConfigError, match="down_dims must be a tuple of ints or one of small, dp_lowdim, dp_image"):
+    with pytest.raises(ConfigError, match="down_dims must be a tuple of ints or one of small, medium, dp_lowdim, dp_image"):
         DiffusionUnetConfig(lowdim_shapes={"s": (2,)}, action_dim=2, down_dims="huge")
     with pytest.raises(ConfigError, match="horizon must be a multiple of 4"):
         DiffusionUnetConfig(lowdim_shapes={"s": (2,)}, action_dim=2, horizon=18, n_action_steps=8)
