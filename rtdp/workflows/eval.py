@@ -148,7 +148,10 @@ def evaluate(
                "ms_per_action": per_action_ms, "latency_samples_ms": []}
         sampler_name, steps_used = "expert", None
     else:
+        from rtdp.core import get_sampler
+
         sampler_name = sampler or policy.config.sampler
+        get_sampler(sampler_name)  # an unknown name fails here, before any episode runs
         steps_used = int(steps or policy.config.num_inference_steps)
         result = evaluate_checkpoint_policy(policy, task, seeds, sampler=sampler_name, steps=steps_used,
                                             batch=batch, record_first=video, seed=seed)
