@@ -72,10 +72,9 @@ def demo(cfg) -> dict[str, Any]:
         if ckpt.exists():
             shutil.rmtree(ckpt)
         shutil.copytree(source, ckpt)
-    for extra in ("curves.png", "REPRODUCE.md"):
-        for candidate in (source.parent / extra,):
-            if candidate.exists():
-                shutil.copy(candidate, out / extra)
+    for extra in ("curves.png", "REPRODUCE.md"):  # the training curve and how the checkpoint was made
+        if (source.parent / extra).exists():
+            shutil.copy(source.parent / extra, out / extra)
 
     print(f"[demo] 3/3 evaluating the policy on {int(cfg.episodes)} episodes with {cfg.sampler}-{cfg.steps}")
     report = evaluate(ckpt, task_name=task.name, episodes=int(cfg.episodes), sampler=cfg.sampler,
