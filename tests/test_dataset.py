@@ -6,13 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import dp_pusht_store
 import torch
 
 from rtdp.data import dataset as dataset_module
 from rtdp.data.dataset import SequenceDataset, compute_stats, load_arrays, sequence_index, train_val_split
 from rtdp.errors import ConfigError, DatasetError, MissingKeyError
 
-PUSHT = Path(__file__).resolve().parents[2] / "shared" / "data" / "pusht_cchi_v7_replay.zarr"
+PUSHT = dp_pusht_store()  # None when the dataset is absent
 
 
 def reference_windows(ends, horizon, pad_before, pad_after):
@@ -205,7 +207,7 @@ def test_from_buffer(pusht_like_buffer) -> None:
     assert ds.sample_batch([0])["obs"]["keypoint"].shape == (1, 2, 9, 2)
 
 
-@pytest.mark.skipif(not PUSHT.exists(), reason="Diffusion Policy's PushT data is not in ../shared/data")
+@pytest.mark.skipif(PUSHT is None, reason="Diffusion Policy's PushT data is not in ../shared/data")
 def test_pusht_dataset_length_matches_diffusion_policy() -> None:
     from rtdp.data.replay_buffer import ReplayBuffer
 

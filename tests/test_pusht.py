@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import dp_pusht_store
 
 pytest.importorskip("gym_pusht")
 
@@ -19,7 +20,7 @@ from rtdp.envs.pusht import (  # noqa: E402
 )
 from rtdp.errors import ActionError, ConfigError  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pusht_cchi_v7_replay.zarr"
+DATA = dp_pusht_store()  # None when the dataset is absent
 GOAL_STATE = [100.0, 100.0, *GOAL_POSE]
 
 
@@ -143,7 +144,7 @@ def test_keypoint_definition_matches_diffusion_policy_recipe():
     np.testing.assert_allclose(derive_block_keypoints(), BLOCK_KEYPOINTS_LOCAL, atol=1e-9)
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="Diffusion Policy's PushT dataset is not in ../shared/data")
+@pytest.mark.skipif(DATA is None, reason="Diffusion Policy's PushT dataset is not in ../shared/data")
 def test_keypoints_match_diffusion_policy_dataset():
     zarr = pytest.importorskip("zarr")
     group = zarr.open_group(str(DATA), mode="r")

@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import dp_pusht_store
+
 zarr = pytest.importorskip("zarr")
 
 from rtdp.data.replay_buffer import ReplayBuffer  # noqa: E402
 from rtdp.errors import CorruptStoreError, DatasetError, MissingKeyError  # noqa: E402
 
-PUSHT = Path(__file__).resolve().parents[2] / "shared" / "data" / "pusht_cchi_v7_replay.zarr"
+PUSHT = dp_pusht_store()  # None when the dataset is absent
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -344,7 +346,7 @@ def test_appends_to_a_diffusion_policy_zarr_v2_store_in_its_format(tmp_path: Pat
         np.testing.assert_array_equal(buf.get_array(key)[:61], want[key])
 
 
-@pytest.mark.skipif(not PUSHT.exists(), reason="Diffusion Policy's PushT data is not in ../shared/data")
+@pytest.mark.skipif(PUSHT is None, reason="Diffusion Policy's PushT data is not in ../shared/data")
 def test_opens_diffusion_policys_pusht_dataset() -> None:
     buf = ReplayBuffer.open(PUSHT)
     assert (buf.n_episodes, buf.n_steps, buf.zarr_format) == (206, 25650, 2)
