@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,3 +31,12 @@ def dp_pusht() -> Path:
     if store is None:
         pytest.skip("Diffusion Policy's PushT dataset not found (set RTDP_DP_DATA or place it in ../shared/data)")
     return store
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests run on one torch thread: the suite's numbers must not depend on the core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,14 +22,6 @@ STATS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lowdim_policy(**overrides) -> DiffusionUnetPolicy:
     shapes = {"agent_pos": (2,), "keypoint": (3, 2)}
     cfg = DiffusionUnetConfig(lowdim_shapes=shapes, action_dim=2, **{**TINY, **overrides})

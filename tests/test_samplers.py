@@ -35,14 +35,6 @@ MU = torch.tensor([0.3, -0.5])
 SD = 0.4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_eps_model(alphas_cumprod: torch.Tensor):
     """Optimal noise predictor for data ~ N(MU, SD^2) plus a mild nonlinearity.
 
