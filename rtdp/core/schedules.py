@@ -204,3 +204,33 @@ def sigmas_ddim(alphas_cumprod: torch.Tensor, steps: int, *, steps_offset: int =
         sigmas, shape (steps + 1,), float64, last entry 0.
     """
     return sigmas_ddpm(alphas_cumprod, steps, steps_offset=steps_offset)
+
+
+def sigmas_karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022) noise levels, Eq. 5, with a trailing zero.
+
+    ``sigma_i = (sigma_max^(1/rho) + i / (steps - 1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``
+    for ``i = 0 .. steps - 1`` (k-diffusion's ``get_sigmas_karras``).
+
+    Args:
+        steps: number of nonzero levels (= sampler steps for first-order samplers), >= 1.
+        sigma_min: last nonzero level, > 0.
+        sigma_max: first level, >= sigma_min.
+        rho: curvature; 7 concentrates steps at low noise.
+
+    Returns:
+        decreasing sigmas, shape (steps + 1,), float64, last entry 0. With
+        ``steps == 1`` the only nonzero level is ``sigma_max``.
+
+    Raises:
+        ConfigError: steps < 1 or an invalid range.
+    """
+    if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
+        raise ConfigError(f"steps must be a positive int, got {steps!r}")
+    if not 0 < float(sigma_min) <= float(sigma_max):
+        raise ConfigError(f"need 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    n = int(steps)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    lo, hi = float(sigma_min) ** (1 / rho), float(sigma_max) ** (1 / rho)
+    sig = (hi + ramp * (lo - hi)) ** rho
+    return torch.cat([sig, sig.new_zeros(1)])
