@@ -14,7 +14,7 @@ from pathlib import Path
 from rtdp.errors import ConfigError, RtdpError, UnknownNameError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-VERBS = ("collect", "train", "eval", "demo")
+VERBS = ("collect", "train", "eval", "bench", "demo")
 
 USAGE = """usage: rtdp <verb> [key=value ...]
 
@@ -23,12 +23,15 @@ verbs:
   collect   roll out a task's scripted expert into a zarr replay buffer
   train     train a diffusion policy from a zarr replay buffer
   eval      evaluate a checkpoint (or the expert) on the task's evaluation seeds
+  bench     latency, NFE, fidelity and success of inference configurations side by side
 
 examples:
   rtdp demo out=outputs/demo
   rtdp collect task=pusht episodes=200 out=data/pusht.zarr
   rtdp train task=pusht data=data/pusht.zarr out=runs/pusht
   rtdp eval checkpoint=runs/pusht/checkpoint episodes=50 sampler=ddim steps=10 json=eval.json
+  rtdp bench checkpoint=runs/pusht/checkpoint checkpoints=[runs/pusht_edm/checkpoint] episodes=50 json=bench.json
+  rtdp bench size=dp_lowdim configs=[ddpm-100,ddim-10,edm-3,stream-1,cm-1] json=bench_dp.json
 """
 
 

@@ -67,8 +67,8 @@ def test_unet_shapes_and_sizes():
 
 
 def test_config_validation_messages():
-    with pytest.raises(ConfigError, match="sampler must be one of ddim, ddpm, got 'euler'"):
-        DiffusionUnetConfig(lowdim_shapes={"s": (2,)}, action_dim=2, sampler="euler")
+    with pytest.raises(ConfigError, match="sampler must be one of ddim, ddpm, dpmpp, euler, euler_a, heun, got 'nosuch'"):
+        DiffusionUnetConfig(lowdim_shapes={"s": (2,)}, action_dim=2, sampler="nosuch")
     with pytest.raises(ConfigError, match="beta_schedule must be one of"):
         DiffusionUnetConfig(lowdim_shapes={"s": (2,)}, action_dim=2, beta_schedule="cosine")
     with pytest.raises(ConfigError, match="down_dims must be a tuple of ints or one of small, medium, dp_lowdim, dp_image"):
@@ -260,8 +260,8 @@ def test_observation_errors():
     bad[0, 1, 0] = np.nan
     with pytest.raises(ObservationError, match="'agent_pos' contains NaN/Inf"):
         policy.predict_action_chunk({**obs, "agent_pos": bad}, steps=2)
-    with pytest.raises(UnknownNameError, match="unknown sampler 'euler'"):
-        policy.predict_action_chunk(obs, sampler="euler")
+    with pytest.raises(UnknownNameError, match="unknown sampler 'nosuch'"):
+        policy.predict_action_chunk(obs, sampler="nosuch")
     with pytest.raises(ConfigError, match="steps must be an int in 1..100"):
         policy.predict_action_chunk(obs, steps=0)
     with pytest.raises(ConfigError, match="noise must have shape"):

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from rtdp.core.schedules import sigmas_ddim, sigmas_ddpm
+from rtdp.core.schedules import sigmas_ddim, sigmas_ddpm, sigmas_dpmpp, sigmas_karras_discrete, sigmas_linspace
 from rtdp.errors import UnknownNameError
 
 
@@ -136,13 +136,236 @@ def sample_ddpm(
     return x
 
 
+def _to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
+    # Probability-flow ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, Eq. 4).
+    return (x - denoised) / sigma
+
+
+def _ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    # k-diffusion's get_ancestral_step: split sigma_next into a deterministic part
+    # (sigma_down) and fresh noise (sigma_up), sigma_down^2 + sigma_up^2 = sigma_next^2.
+    if not eta:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * math.sqrt(max(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2, 0.0)))
+    sigma_down = math.sqrt(max(sigma_next**2 - sigma_up**2, 0.0))
+    return sigma_down, sigma_up
+
+
+@torch.no_grad()
+def sample_euler(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn).
+
+    ``d = (x - x0_hat) / sigma``, ``x <- x + (sigma_next - sigma) d``: first order,
+    deterministic, one network evaluation per step (k-diffusion's ``sample_euler``
+    with ``s_churn = 0``; diffusers' ``EulerDiscreteScheduler.step``). On the
+    same sigmas it is DDIM written as an ODE step.
+
+    Args:
+        denoiser: ``denoiser(x, sigma, cond) -> x0_hat``.
+        x: starting sample at ``sigmas[0]``, (B, T, D).
+        sigmas: decreasing noise levels, (S + 1,), ending in 0.
+        cond: conditioning passed to the denoiser.
+        generator: unused (deterministic), accepted for a uniform signature.
+        callback: called after each step with ``{"x", "i", "sigma", "sigma_next", "denoised"}``.
+
+    Returns:
+        the sample at ``sigmas[-1]``, (B, T, D).
+    """
+    s = sigmas.tolist()
+    batch = x.shape[0]
+    for i in range(len(s) - 1):
+        sigma, sigma_next = s[i], s[i + 1]
+        x0 = denoiser(x, x.new_full((batch,), sigma), cond)
+        x = x + _to_d(x, sigma, x0) * (sigma_next - sigma)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+) -> torch.Tensor:
+    """Ancestral Euler sampling (k-diffusion's ``sample_euler_ancestral``).
+
+    Each step is an Euler step down to ``sigma_down`` followed by fresh noise of
+    scale ``sigma_up``, with ``sigma_down^2 + sigma_up^2 = sigma_next^2`` and
+    ``sigma_up = eta * sigma_next * sqrt(sigma^2 - sigma_next^2) / sigma``.
+    With ``eta = 1`` this is the DDPM posterior step (Ho et al. 2020) in VE form,
+    i.e. diffusers' ``EulerAncestralDiscreteScheduler.step``. One ``randn`` of
+    x's shape is drawn from ``generator`` per step except the last (where
+    ``sigma_up = 0``); diffusers also draws one on the last step and multiplies
+    it by 0, so the samples agree and only the generator's final state differs.
+
+    Args:
+        denoiser: ``denoiser(x, sigma, cond) -> x0_hat``.
+        x: starting sample at ``sigmas[0]``, (B, T, D).
+        sigmas: decreasing noise levels, (S + 1,), ending in 0.
+        cond: conditioning passed to the denoiser.
+        generator: source of the per-step noise.
+        callback: called after each step with ``{"x", "i", "sigma", "sigma_next", "denoised"}``.
+        eta: scale of the fresh noise; 0 gives ``sample_euler``.
+
+    Returns:
+        the sample at ``sigmas[-1]``, (B, T, D).
+    """
+    s = sigmas.tolist()
+    batch = x.shape[0]
+    for i in range(len(s) - 1):
+        sigma, sigma_next = s[i], s[i + 1]
+        x0 = denoiser(x, x.new_full((batch,), sigma), cond)
+        sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
+        x = x + _to_d(x, sigma, x0) * (sigma_down - sigma)
+        if sigma_next > 0:
+            x = x + _randn_like(x, generator) * sigma_up
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
+    return x
+
+
+@torch.no_grad()
+def sample_heun(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Alg. 1; Alg. 2 without churn).
+
+    An Euler step to ``sigma_next`` is corrected with the slope there:
+    ``x <- x + (sigma_next - sigma) (d + d') / 2``. The last interval, which ends
+    at sigma = 0 where the slope is undefined, is a plain Euler step, so S steps
+    cost ``2 S - 1`` network evaluations (k-diffusion's ``sample_heun`` with
+    ``s_churn = 0``; diffusers' ``HeunDiscreteScheduler``, which lists every inner
+    sigma twice).
+
+    Args:
+        denoiser: ``denoiser(x, sigma, cond) -> x0_hat``.
+        x: starting sample at ``sigmas[0]``, (B, T, D).
+        sigmas: decreasing noise levels, (S + 1,), ending in 0.
+        cond: conditioning passed to the denoiser.
+        generator: unused (deterministic), accepted for a uniform signature.
+        callback: called after each step with ``{"x", "i", "sigma", "sigma_next", "denoised"}``
+            (``denoised`` from the first evaluation of the step).
+
+    Returns:
+        the sample at ``sigmas[-1]``, (B, T, D).
+    """
+    s = sigmas.tolist()
+    batch = x.shape[0]
+    for i in range(len(s) - 1):
+        sigma, sigma_next = s[i], s[i + 1]
+        x0 = denoiser(x, x.new_full((batch,), sigma), cond)
+        d = _to_d(x, sigma, x0)
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            x0_2 = denoiser(x_2, x.new_full((batch,), sigma_next), cond)
+            d_2 = _to_d(x_2, sigma_next, x0_2)
+            x = x + (d + d_2) / 2 * dt
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2; k-diffusion's ``sample_dpmpp_2m``).
+
+    A multistep exponential integrator in ``lambda = -log sigma``: with
+    ``h = log(sigma / sigma_next)``, ``x <- (sigma_next / sigma) x + (1 - e^-h) D``
+    where ``D`` is the current ``x0_hat`` on the first step and on the step to
+    sigma = 0, and otherwise the second-order extrapolation
+    ``D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev`` with ``r = h_prev / h``.
+    One network evaluation per step. Equal to diffusers'
+    ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+    solver_type="midpoint")``, which also takes a first-order last step when the
+    final sigma is 0.
+
+    Args:
+        denoiser: ``denoiser(x, sigma, cond) -> x0_hat``.
+        x: starting sample at ``sigmas[0]``, (B, T, D).
+        sigmas: decreasing noise levels, (S + 1,), ending in 0; all inner levels > 0.
+        cond: conditioning passed to the denoiser.
+        generator: unused (deterministic), accepted for a uniform signature.
+        callback: called after each step with ``{"x", "i", "sigma", "sigma_next", "denoised"}``.
+
+    Returns:
+        the sample at ``sigmas[-1]``, (B, T, D).
+    """
+    s = sigmas.tolist()
+    batch = x.shape[0]
+    old_x0: torch.Tensor | None = None
+    h_last = 0.0
+    for i in range(len(s) - 1):
+        sigma, sigma_next = s[i], s[i + 1]
+        x0 = denoiser(x, x.new_full((batch,), sigma), cond)
+        if sigma_next == 0:
+            # lambda_next = inf: the exponential integrator lands on x0_hat.
+            x = x0
+        else:
+            h = math.log(sigma / sigma_next)
+            if old_x0 is None:
+                d = x0
+            else:
+                r = h_last / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
+            x = (sigma_next / sigma) * x - math.expm1(-h) * d
+            h_last = h
+        old_x0 = x0
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
+    return x
+
+
 Sampler = Callable[..., torch.Tensor]
 
-# Open registries: other modules add their samplers and schedules here.
-SAMPLERS: dict[str, Sampler] = {"ddpm": sample_ddpm, "ddim": sample_ddim}
+# Open registries: other modules add their samplers and schedules here. Default
+# schedules are what the matching diffusers scheduler does by default for a
+# discrete (DDPM-trained) model.
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpmpp": sample_dpmpp_2m,
+}
 SIGMA_SCHEDULES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "ddpm": sigmas_ddpm,
-    "ddim": sigmas_ddim,
+    "ddpm": sigmas_ddpm,  # "leading" spacing
+    "ddim": sigmas_ddim,  # "leading" spacing
+    "euler": sigmas_linspace,  # "linspace" spacing, sigma linear in t
+    "euler_a": sigmas_linspace,
+    "heun": sigmas_linspace,
+    "dpmpp": sigmas_dpmpp,  # "linspace" over steps + 1 points, rounded to training steps
 }
 
 
@@ -158,16 +381,19 @@ def get_sampler(name: str) -> Sampler:
         raise UnknownNameError("sampler", name, list(SAMPLERS)) from None
 
 
-def get_sigmas(name: str, alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
+def get_sigmas(name: str, alphas_cumprod: torch.Tensor, steps: int, *, karras: bool = False) -> torch.Tensor:
     """Default sigma schedule of sampler ``name`` for ``steps`` inference steps.
 
     Args:
         name: a key of ``SIGMA_SCHEDULES``.
         alphas_cumprod: training schedule, (N,).
-        steps: number of inference steps.
+        steps: number of inference steps (nonzero levels), 1..N (1..N-1 for "dpmpp").
+        karras: use Karras et al.'s levels between the smallest and largest
+            training sigma instead (diffusers' ``use_karras_sigmas=True``); they
+            fall between training steps, so pair them with a ``quantize=False`` denoiser.
 
     Returns:
-        decreasing sigmas, (steps + 1,), ending in 0.
+        decreasing sigmas, (steps + 1,), float64, ending in 0.
 
     Raises:
         UnknownNameError: no schedule registered under ``name``.
@@ -177,4 +403,6 @@ def get_sigmas(name: str, alphas_cumprod: torch.Tensor, steps: int) -> torch.Ten
         fn = SIGMA_SCHEDULES[name]
     except KeyError:
         raise UnknownNameError("sampler", name, list(SIGMA_SCHEDULES)) from None
+    if karras:
+        return sigmas_karras_discrete(alphas_cumprod, steps)
     return fn(alphas_cumprod, steps)

@@ -234,3 +234,194 @@ def sigmas_karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     lo, hi = float(sigma_min) ** (1 / rho), float(sigma_max) ** (1 / rho)
     sig = (hi + ramp * (lo - hi)) ** rho
     return torch.cat([sig, sig.new_zeros(1)])
+
+
+# --------------------------------------------------------------------------------------
+# Schedules of diffusers' Karras-style schedulers (Euler, Euler ancestral, Heun, DPM-Solver)
+
+
+def _check_steps(steps: int, max_steps: int, why: str = "") -> int:
+    """``steps`` as an int in 1..max_steps, or a ConfigError that says the range."""
+    try:
+        is_int = not isinstance(steps, (bool, str)) and int(steps) == steps
+    except (TypeError, ValueError, OverflowError):
+        is_int = False
+    if not is_int:
+        raise ConfigError(f"steps must be an int between 1 and {max_steps}{why}, got {steps!r}")
+    if not 1 <= int(steps) <= int(max_steps):
+        raise ConfigError(f"steps must be between 1 and {max_steps}{why}, got {steps}")
+    return int(steps)
+
+
+def t_to_sigma_linear(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Noise level of fractional timesteps, sigma interpolated linearly in t.
+
+    This is diffusers' ``np.interp(t, arange(N), sigmas)`` in ``EulerDiscreteScheduler``,
+    ``EulerAncestralDiscreteScheduler`` and ``HeunDiscreteScheduler`` (``t_to_sigma``
+    interpolates log-sigma instead, as k-diffusion does); both read the table at integers.
+
+    Args:
+        t: timesteps in [0, N-1], any shape.
+        alphas_cumprod: shape (N,).
+
+    Returns:
+        sigma, shape of ``t``, float64.
+    """
+    table = sigmas_from_alphas_cumprod(alphas_cumprod).to(t.device)
+    if table.numel() == 1:
+        return table.expand(t.shape).clone()
+    t = t.double().clamp(0, table.numel() - 1)
+    low = t.floor().long().clamp(max=table.numel() - 2)
+    w = t - low
+    return (1 - w) * table[low] + w * table[low + 1]
+
+
+def sigma_to_t_linear(sigma: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``t_to_sigma_linear``: the fractional timestep diffusers' Euler/Heun feed for ``sigma``.
+
+    Args:
+        sigma: noise levels, any shape; clamped to the table's range.
+        alphas_cumprod: shape (N,).
+
+    Returns:
+        t, shape of ``sigma``, float64.
+    """
+    return _sigma_to_t_lin(sigma, sigmas_from_alphas_cumprod(alphas_cumprod).to(sigma.device))
+
+
+def _sigma_to_t_lin(sigma: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    # table: increasing sigmas (N,), float64.
+    if table.numel() == 1:
+        return torch.zeros(sigma.shape, dtype=table.dtype, device=sigma.device)
+    s = sigma.to(table.dtype)
+    low = (torch.searchsorted(table, s.contiguous(), right=True) - 1).clamp(0, table.numel() - 2)
+    lo, hi = table[low], table[low + 1]
+    w = ((s - lo) / (hi - lo)).clamp(0, 1)
+    return low + w
+
+
+def linspace_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:
+    """diffusers' "linspace" timesteps of the Euler / Euler-ancestral / Heun schedulers, decreasing.
+
+    ``np.linspace(0, N - 1, steps, dtype=np.float32)[::-1]``: fractional for most
+    ``steps``, first entry ``N - 1``, last entry 0. They are rounded to float32
+    as diffusers rounds them. One difference: for ``steps == 1`` diffusers gets
+    ``[0]`` (one step from the *smallest* noise level, which cannot denoise
+    anything); this returns ``[N - 1]``, as k-diffusion's ``linspace(t_max, 0, 1)``.
+
+    Args:
+        num_train_timesteps: N.
+        steps: number of inference steps, 1..N.
+
+    Returns:
+        timesteps, shape (steps,), float64 holding float32 values,
+        e.g. N=100, steps=4 -> [99, 66, 33, 0].
+
+    Raises:
+        ConfigError: steps outside 1..N.
+    """
+    n = int(num_train_timesteps)
+    k = _check_steps(steps, n, f" (num_train_timesteps={n})")
+    if k == 1:
+        return torch.tensor([n - 1], dtype=torch.float64)
+    # np.linspace computes i * ((stop - start) / (num - 1)) in float64 and sets the end point exactly.
+    delta = (n - 1) / (k - 1)
+    t = [i * delta for i in range(k - 1)] + [float(n - 1)]
+    return torch.tensor(t, dtype=torch.float64).float().double().flip(0)
+
+
+def sigmas_linspace(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
+    """Default sigmas of diffusers' ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``
+    and ``HeunDiscreteScheduler`` for a discrete model.
+
+    Timesteps ``linspace_timesteps(N, steps)`` ("linspace" spacing, from N-1
+    down to 0), sigma interpolated linearly in t between training levels
+    (``t_to_sigma_linear``), then a final 0 (``final_sigmas_type="zero"``).
+    The inner levels fall between training steps: a denoiser that should
+    reproduce diffusers feeds fractional timesteps
+    (``DiscreteEpsDenoiser(quantize=False, sigma_interpolation="linear")``).
+
+    Args:
+        alphas_cumprod: shape (N,).
+        steps: number of nonzero levels, 1..N.
+
+    Returns:
+        decreasing sigmas, shape (steps + 1,), float64, first entry sigma_max,
+        last nonzero entry sigma_min (for steps > 1), last entry 0.
+
+    Raises:
+        ConfigError: steps outside 1..N.
+    """
+    t = linspace_timesteps(alphas_cumprod.numel(), steps)
+    sig = t_to_sigma_linear(t, alphas_cumprod)
+    return torch.cat([sig, sig.new_zeros(1)])
+
+
+def dpmpp_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:
+    """diffusers' "linspace" timesteps of ``DPMSolverMultistepScheduler``, decreasing.
+
+    ``np.linspace(0, N - 1, steps + 1).round()[::-1][:-1]``: integer training
+    steps from N-1 down to about (N-1)/steps (t = 0 is replaced by the final
+    sigma 0). numpy rounds half to even; so does Python's ``round``.
+
+    Args:
+        num_train_timesteps: N.
+        steps: number of inference steps, 1..N-1; with ``steps == N`` the
+            rounded grid repeats a timestep, which gives DPM-Solver a zero
+            step and a division by zero.
+
+    Returns:
+        timesteps, shape (steps,), int64, e.g. N=100, steps=10 -> [99, 89, 79, 69, 59, 50, 40, 30, 20, 10].
+
+    Raises:
+        ConfigError: steps outside 1..N-1.
+    """
+    n = int(num_train_timesteps)
+    k = _check_steps(steps, max(n - 1, 1), f" for DPM-Solver (num_train_timesteps={n}: more steps repeat a timestep)")
+    delta = (n - 1) / k
+    t = [round(i * delta) for i in range(k)] + [n - 1]
+    return torch.tensor(t[1:][::-1], dtype=torch.int64)
+
+
+def sigmas_dpmpp(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
+    """Default sigmas of diffusers' ``DPMSolverMultistepScheduler`` for a discrete model.
+
+    Training levels at ``dpmpp_timesteps(N, steps)`` (integer steps, so
+    ``quantize=True`` feeds the network exactly what diffusers feeds it), then a
+    final 0 (``final_sigmas_type="zero"``).
+
+    Args:
+        alphas_cumprod: shape (N,).
+        steps: number of nonzero levels, 1..N-1.
+
+    Returns:
+        decreasing sigmas, shape (steps + 1,), float64, last entry 0.
+
+    Raises:
+        ConfigError: steps outside 1..N-1.
+    """
+    return _sigmas_for_timesteps(alphas_cumprod, dpmpp_timesteps(alphas_cumprod.numel(), steps))
+
+
+def sigmas_karras_discrete(alphas_cumprod: torch.Tensor, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """Karras sigmas spanning a discrete training schedule (diffusers' ``use_karras_sigmas=True``).
+
+    ``sigmas_karras(steps, sigma_min, sigma_max, rho)`` with the smallest and
+    largest training levels, as diffusers' ``_convert_to_karras`` picks them.
+    The levels fall between training steps: use a denoiser with ``quantize=False``.
+
+    Args:
+        alphas_cumprod: shape (N,).
+        steps: number of nonzero levels, 1..N.
+        rho: Karras' curvature.
+
+    Returns:
+        decreasing sigmas, shape (steps + 1,), float64, last entry 0.
+
+    Raises:
+        ConfigError: steps outside 1..N.
+    """
+    n = alphas_cumprod.numel()
+    k = _check_steps(steps, n, f" (num_train_timesteps={n})")
+    table = sigmas_from_alphas_cumprod(alphas_cumprod)
+    return sigmas_karras(k, float(table[0]), float(table[-1]), rho)

@@ -128,6 +128,21 @@ register_task(
         dataset_aliases={"agent_pos": ("state", 0, 2)},
     ),
 )
+# PushT with a goal pose drawn per episode (rtdp.envs.pusht.GOAL_RANGE); the
+# goal is observed as keypoints, in the same representation as the block
+register_task(
+    TaskSpec(
+        name="pusht_goal",
+        env_id="rtdp/PushTGoal-v0",
+        env_kwargs={"obs_mode": "state", "goal_mode": "random"},
+        lowdim_keys=(*_PUSHT_KP, "goal_keypoint"),
+        action_dim=2,
+        max_steps=300,
+        expert="rtdp.envs.pusht:PushTExpert",
+        dataset_aliases={"agent_pos": ("state", 0, 2)},
+    ),
+    entry_point="rtdp.envs.pusht:PushTGoalEnv",
+)
 register_task(
     TaskSpec(
         name="lift",

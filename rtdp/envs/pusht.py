@@ -1,4 +1,4 @@
-"""PushT: push a T-shaped block onto a fixed goal pose with a round pusher.
+"""PushT: push a T-shaped block onto a goal pose with a round pusher.
 
 A thin layer over the ``gym_pusht`` simulator (pymunk, 100 Hz physics, 10 Hz
 control) that gives it Diffusion Policy's observation names and metrics:
@@ -10,6 +10,13 @@ control) that gives it Diffusion Policy's observation names and metrics:
   from the block pose exactly as its ``data/keypoint`` (see
   :data:`BLOCK_KEYPOINTS_LOCAL`).
 * ``img`` (96, 96, 3) uint8, only with ``obs_mode="image"``.
+* ``goal_keypoint`` (9, 2): the same nine keypoints placed at the episode's
+  goal pose, only with ``goal_mode="random"``.
+
+The goal is Diffusion Policy's fixed pose :data:`GOAL_POSE` by default. With
+``goal_mode="random"`` (the ``pusht_goal`` task) every reset draws a new goal
+from :data:`GOAL_RANGE`; coverage, score, success, ``info["goal_pose"]`` and the
+goal outline drawn by :meth:`PushTEnv.render` all follow the episode's goal.
 
 The action is the pusher's target position in pixels, ``[0, 512]²``; a PD
 controller drives the kinematic pusher towards it. Every step reports
@@ -35,6 +42,18 @@ from rtdp.errors import ActionError, ConfigError, require_package
 
 #: Goal pose of the block origin, ``(x, y, angle)``, fixed by gym_pusht.
 GOAL_POSE = np.array([256.0, 256.0, np.pi / 4])
+
+#: Random goals (``goal_mode="random"``): the goal's origin is drawn uniformly
+#: within ``±position`` pixels of :data:`GOAL_POSE`'s on each axis and its angle
+#: uniformly in ``[0, 2π)``. Every point of the T lies within 121 px of its
+#: origin, so a goal T stays more than 65 px from the walls (at 5 and 506) and
+#: the pusher (30 px wide) can get all the way round the block at any goal.
+#: Two goals are on average about 60 px and 90° apart, far more than coverage
+#: ≥ 0.95 tolerates, so a policy that ignores the goal fails. The scripted
+#: expert succeeds on all of seeds 0..99 and 100000..100049 with this range.
+GOAL_RANGE = {"position": 60.0}
+
+GOAL_MODES = ("fixed", "random")
 
 #: Coverage at which an episode counts as a success (and the score saturates).
 SUCCESS_COVERAGE = 0.95
@@ -137,16 +156,29 @@ class PushTEnv(gym.Env):
         render_size: side of the square frames :meth:`render` returns.
         render_mode: only ``"rgb_array"`` (or None, which means the same) is
             supported; :meth:`render` always returns an RGB array.
+        goal_mode: ``"fixed"`` (Diffusion Policy's :data:`GOAL_POSE`) or
+            ``"random"``: a goal drawn at every reset (see :data:`GOAL_RANGE`),
+            deterministic given the reset seed and independent of the start
+            state, which stays gym_pusht's for that seed; the observation then
+            also has ``goal_keypoint``.
 
     Raises:
-        ConfigError: unknown ``obs_mode`` or ``render_mode``, or a bad ``render_size``.
+        ConfigError: unknown ``obs_mode``, ``goal_mode`` or ``render_mode``, or a bad ``render_size``.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, obs_mode: str = "state", render_size: int = 256, render_mode: str | None = "rgb_array") -> None:
+    def __init__(
+        self,
+        obs_mode: str = "state",
+        render_size: int = 256,
+        render_mode: str | None = "rgb_array",
+        goal_mode: str = "fixed",
+    ) -> None:
         if obs_mode not in OBS_MODES:
             raise ConfigError(f"obs_mode must be one of {', '.join(OBS_MODES)}; got {obs_mode!r}")
+        if goal_mode not in GOAL_MODES:
+            raise ConfigError(f"goal_mode must be one of {', '.join(GOAL_MODES)}; got {goal_mode!r}")
         if render_mode not in (None, "rgb_array"):
             raise ConfigError(f"render_mode must be 'rgb_array' (or None); got {render_mode!r}")
         if int(render_size) != render_size or render_size < 8:
@@ -155,6 +187,7 @@ class PushTEnv(gym.Env):
         sim = require_package("gym_pusht.envs.pusht", extra="", purpose="rtdp/PushT-v0")
 
         self.obs_mode = obs_mode
+        self.goal_mode = goal_mode
         self.render_mode = "rgb_array"
         self.render_size = int(render_size)
         # gym_pusht renders its 96x96 observation only in "pixels*" modes; its
@@ -181,9 +214,18 @@ class PushTEnv(gym.Env):
         }
         if obs_mode == "image":
             obs["img"] = spaces.Box(0, 255, shape=(96, 96, 3), dtype=np.uint8)
+        if goal_mode == "random":
+            reach = GOAL_RANGE["position"] + _KEYPOINT_REACH
+            centre = np.broadcast_to(GOAL_POSE[:2], (9, 2)).astype(np.float32)
+            obs["goal_keypoint"] = spaces.Box(centre - reach, centre + reach, dtype=np.float32)
         self.observation_space = spaces.Dict(obs)
         self.action_space = spaces.Box(0.0, 512.0, shape=(2,), dtype=np.float32)
         self._img: np.ndarray | None = None
+        self._goal = GOAL_POSE.copy()
+        # random goals come from their own stream, so that the start state
+        # (gym_pusht's generator) and the expert's choices (ours) are the same
+        # as on the fixed-goal task for the same seed
+        self._goal_rng: np.random.Generator | None = None
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -191,7 +233,9 @@ class PushTEnv(gym.Env):
 
         Without options the initial state is gym_pusht's: agent and block
         positions and the block angle drawn from the env's generator, so a
-        seed gives the same start here as in gym_pusht / LeRobot.
+        seed gives the same start here as in gym_pusht / LeRobot. With
+        ``goal_mode="random"`` the episode's goal is drawn too, from a
+        generator of its own seeded by ``seed``.
 
         Args:
             seed: seeds the generator; the same seed gives the same start.
@@ -204,10 +248,17 @@ class PushTEnv(gym.Env):
         """
         super().reset(seed=seed)
         state = None if options is None else options.get("reset_to_state")
+        if self.goal_mode == "random":
+            self._goal = self._draw_goal(seed)
         # Seeding the simulator's generator from ours keeps one source of
         # randomness and reproduces gym_pusht's starts for the same seed.
         obs, _ = self._sim.reset(seed=seed)
-        self._img = obs["pixels"] if self.obs_mode == "image" else None
+        self._sim.goal_pose = self._goal.copy()  # gym_pusht's reset restores its fixed goal
+        if self.obs_mode == "image":
+            # the image shows the goal outline: redraw it with this episode's goal
+            self._img = obs["pixels"] if self.goal_mode == "fixed" else self._sim.get_obs()["pixels"]
+        else:
+            self._img = None
         if state is not None:
             self.set_state(state)
         info = self._info(self.coverage())
@@ -246,8 +297,8 @@ class PushTEnv(gym.Env):
     # ------------------------------------------------------------------ helpers
     @property
     def goal_pose(self) -> np.ndarray:
-        """``(3,)`` goal pose of the block origin: x, y, angle."""
-        return GOAL_POSE.copy()
+        """``(3,)`` this episode's goal pose of the block origin: x, y, angle."""
+        return self._goal.copy()
 
     @property
     def agent_body(self):
@@ -280,6 +331,7 @@ class PushTEnv(gym.Env):
         # from the last contact solve (not exposed) and applies it on the next
         # step, which would nudge a teleported block by up to a pixel or two.
         self._sim._setup()
+        self._sim.goal_pose = self._goal.copy()  # _setup restores gym_pusht's fixed goal
         agent, block = self._sim.agent, self._sim.block
         agent.position = (st[0], st[1])
         # pymunk rotates a body about its centre of mass, which moves the
@@ -292,10 +344,21 @@ class PushTEnv(gym.Env):
             self._img = self._sim.get_obs()["pixels"]
 
     def coverage(self) -> float:
-        """Area of block ∩ goal divided by the goal's area."""
+        """Area of block ∩ goal divided by the goal's area (this episode's goal)."""
         return float(self._sim._get_coverage())
 
     # ------------------------------------------------------------------ internals
+    def _draw_goal(self, seed: int | None) -> np.ndarray:
+        """The next random goal pose, ``(3,)``; ``seed`` restarts the goal stream."""
+        if seed is not None:
+            # a fixed second entry keeps this stream apart from the start state's
+            self._goal_rng = np.random.default_rng([int(seed), 0x607A1])
+        elif self._goal_rng is None:
+            self._goal_rng = np.random.default_rng(int(self.np_random.integers(2**63)))
+        rng = self._goal_rng
+        xy = GOAL_POSE[:2] + rng.uniform(-GOAL_RANGE["position"], GOAL_RANGE["position"], size=2)
+        return np.array([xy[0], xy[1], rng.uniform(0.0, 2 * np.pi)])
+
     def _obs(self) -> dict[str, np.ndarray]:
         state = self.get_state()
         obs = {
@@ -305,6 +368,8 @@ class PushTEnv(gym.Env):
         }
         if self.obs_mode == "image":
             obs["img"] = np.ascontiguousarray(self._img, dtype=np.uint8)
+        if self.goal_mode == "random":
+            obs["goal_keypoint"] = block_keypoints(self._goal).astype(np.float32)
         return obs
 
     def _info(self, coverage: float) -> dict[str, Any]:
@@ -314,10 +379,27 @@ class PushTEnv(gym.Env):
             "score": float(np.clip(coverage / SUCCESS_COVERAGE, 0.0, 1.0)),
             "is_success": bool(coverage >= SUCCESS_COVERAGE),
             "block_pose": np.array([block.position.x, block.position.y, block.angle]),
-            "goal_pose": GOAL_POSE.copy(),
+            "goal_pose": self._goal.copy(),
             # contact points per physics substep, as Diffusion Policy's data/n_contacts
             "n_contacts": int(np.ceil(getattr(self._sim, "n_contact_points", 0) / self.n_substeps)),
         }
+
+
+class PushTGoalEnv(PushTEnv):
+    """:class:`PushTEnv` with ``goal_mode="random"`` by default: ``rtdp/PushTGoal-v0``.
+
+    Registering this class rather than passing ``goal_mode`` through the task's
+    kwargs makes a plain ``gymnasium.make("rtdp/PushTGoal-v0")`` draw goals too.
+    """
+
+    def __init__(
+        self,
+        obs_mode: str = "state",
+        render_size: int = 256,
+        render_mode: str | None = "rgb_array",
+        goal_mode: str = "random",
+    ) -> None:
+        super().__init__(obs_mode=obs_mode, render_size=render_size, render_mode=render_mode, goal_mode=goal_mode)
 
 
 def __getattr__(name: str):

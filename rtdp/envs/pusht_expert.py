@@ -28,16 +28,18 @@ Strategy, every time the previous push is over:
    following the shortest collision-free path, push, and re-decide each step,
    from the current state, where the push should stop.
 
-Everything is deterministic given the state, except two choices drawn once per
-episode from the expert's own generator: which way round the block to prefer
-when both are comparable, and which way to turn a block that is upside down.
+Everything is deterministic given the state and the goal, except two choices
+drawn once per episode from the expert's own generator: which way round the
+block to prefer when both are comparable, and which way to turn a block that is
+upside down. The goal is the bound environment's, read at every reset, so the
+same expert serves the fixed-goal and the random-goal task.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from rtdp.envs.pusht import AGENT_RADIUS, GOAL_POSE, T_OUTLINE_LOCAL, PushTEnv
+from rtdp.envs.pusht import AGENT_RADIUS, T_OUTLINE_LOCAL, PushTEnv
 from rtdp.errors import ConfigError, ObservationError
 
 _RECTS = np.array([[-60.0, 0.0, 60.0, 30.0], [-15.0, 30.0, 15.0, 120.0]])  # xmin, ymin, xmax, ymax
@@ -180,14 +182,16 @@ def _candidates(
 class PushTExpert:
     """Deterministic push planner for :class:`rtdp.envs.pusht.PushTEnv`.
 
-    Only ``obs["state"]`` is read, so the actions are a function of what a
-    policy observes (block pose and pusher position, and the pusher's speed
-    from the previous observation), of the push under way, and of two
-    per-episode choices.
+    Only ``obs["state"]`` and the episode's goal are read, so the actions are
+    a function of what a policy observes (block pose and pusher position, the
+    pusher's speed from the previous observation, and the goal, which a
+    random-goal env also puts in ``obs["goal_keypoint"]``), of the push under
+    way, and of two per-episode choices.
 
     Args:
         env: a :class:`~rtdp.envs.pusht.PushTEnv`, wrapped or not; read for the
-            block's mass properties and, at :meth:`reset`, its generator.
+            block's mass properties and, at :meth:`reset`, its generator and
+            the episode's goal pose.
         travel_lead: how far ahead along the travel path the target runs at
             full speed, pixels; the pusher then moves about half that per step.
         min_lead: the same when the pusher is at rest; the lead grows with
@@ -223,10 +227,6 @@ class PushTExpert:
         self._centroid = (areas[:, None] * centres).sum(0) / areas.sum()
         own = ((_RECTS[:, 2] - _RECTS[:, 0]) ** 2 + (_RECTS[:, 3] - _RECTS[:, 1]) ** 2) / 12
         self._rho2 = float((areas * (own + ((centres - self._centroid) ** 2).sum(-1))).sum() / areas.sum())
-        c, s = np.cos(GOAL_POSE[2]), np.sin(GOAL_POSE[2])
-        self._goal_centroid = GOAL_POSE[:2] + np.array(
-            [c * self._centroid[0] - s * self._centroid[1], s * self._centroid[0] + c * self._centroid[1]]
-        )
 
         self.travel_lead = float(travel_lead)
         self.min_lead = float(min_lead)
@@ -241,7 +241,8 @@ class PushTExpert:
 
     # ------------------------------------------------------------------ API
     def reset(self) -> None:
-        """Forget the current plan and draw this episode's choices."""
+        """Forget the current plan, read the episode's goal and draw this episode's choices."""
+        self._set_goal(self._env.goal_pose)
         if self._seed is not None:
             rng = np.random.default_rng(self._seed)
         else:
@@ -267,6 +268,11 @@ class PushTExpert:
                 "PushTExpert.act needs obs['state'] = [agent x, agent y, block x, block y, angle] (5 finite floats)"
             )
         agent, pose = state[:2], state[2:5]
+        goal = self._env.goal_pose
+        if not np.array_equal(goal, self._goal):
+            # the env was reset without calling reset() here: a plan towards the old goal is void
+            self._set_goal(goal)
+            self._plan, self._tabu = None, {}
         speed = 0.0 if self._prev_agent is None else float(np.linalg.norm(agent - self._prev_agent))
         self._prev_agent = agent
         # the travel target runs further ahead as the pusher speeds up, so it
@@ -282,6 +288,11 @@ class PushTExpert:
         return np.clip(agent, 0.0, 512.0).astype(np.float32)
 
     # ------------------------------------------------------------------ model
+    def _set_goal(self, goal: np.ndarray) -> None:
+        """Aim at ``goal`` (3,): block origin x, y and angle."""
+        self._goal = np.array(goal, dtype=np.float64)
+        self._goal_centroid = _to_world(self._centroid, self._goal)
+
     def _error(self, cog: np.ndarray, theta: np.ndarray) -> np.ndarray:
         """Pose error, px², of blocks whose centre of mass is ``cog`` (..., 2)."""
         c, s = np.cos(theta), np.sin(theta)
@@ -289,7 +300,7 @@ class PushTExpert:
         cx = cog[..., 0] + c * off[0] - s * off[1] - self._goal_centroid[0]
         cy = cog[..., 1] + s * off[0] + c * off[1] - self._goal_centroid[1]
         # wrapped so that a block turned by about π goes the episode's preferred way
-        dth = np.mod(theta - GOAL_POSE[2] + np.pi - self.turn_bias, 2 * np.pi) - np.pi + self.turn_bias
+        dth = np.mod(theta - self._goal[2] + np.pi - self.turn_bias, 2 * np.pi) - np.pi + self.turn_bias
         return cx**2 + cy**2 + self._rho2 * dth**2
 
     def predict_push(self, pose: np.ndarray, agent: np.ndarray, direction: np.ndarray, length: float) -> np.ndarray:

@@ -47,6 +47,7 @@ from rtdp.vision.resnet import ResNetImageEncoder
 
 SCHEMA_VERSION = 1
 POLICY_TYPE = "diffusion_unet"
+FRACTIONAL_STEP_SAMPLERS = ("euler", "euler_a", "heun")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -217,7 +218,12 @@ class DiffusionUnetConfig:
     def obs_feature_dim(self) -> int:
         """Width of the per-step observation feature (images then low-dim, sorted by key)."""
         lowdim = sum(math.prod(s) for s in self.lowdim_shapes.values())
-        return len(self.image_shapes) * self.image_feature_dim + lowdim
+        return len(self.image_shapes) * self.image_feature_dim + lowdim + self.extra_feature_dim
+
+    @property
+    def extra_feature_dim(self) -> int:
+        """Per-step features a subclass appends to the observation features (none here)."""
+        return 0
 
 
 class _FieldStats(nn.Module):
@@ -325,8 +331,13 @@ class DiffusionUnetPolicy(nn.Module):
         config: a validated ``DiffusionUnetConfig``.
     """
 
+    policy_type = POLICY_TYPE
+    config_class = DiffusionUnetConfig
+
     def __init__(self, config: DiffusionUnetConfig) -> None:
         super().__init__()
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
         self.lowdim_keys = sorted(config.lowdim_shapes)
         self.image_keys = sorted(config.image_shapes)
@@ -378,16 +389,31 @@ class DiffusionUnetPolicy(nn.Module):
 
     # -------------------------------------------------------------- internals
 
-    def _denoiser(self) -> DiscreteEpsDenoiser:
-        den = self.__dict__.get("_den")
+    def _denoiser(self, sampler: str = "ddpm") -> DiscreteEpsDenoiser:
+        # Samplers whose levels fall between training steps (diffusers' Euler/Heun
+        # "linspace" spacing) feed fractional timesteps interpolated as diffusers does;
+        # the others visit training steps exactly.
+        fractional = sampler in FRACTIONAL_STEP_SAMPLERS
+        cache = self.__dict__.setdefault("_dens", {})
+        den = cache.get(fractional)
         ac = self.alphas_cumprod
         if den is None or den.alphas_cumprod.device != ac.device or den.alphas_cumprod.dtype != ac.dtype:
+            kwargs = {"quantize": False, "sigma_interpolation": "linear"} if fractional else {}
             den = DiscreteEpsDenoiser(
-                self.model, self.alphas_cumprod, clip_x0=1.0 if self.config.clip_sample else None
+                self.model, self.alphas_cumprod, clip_x0=1.0 if self.config.clip_sample else None, **kwargs
             )
             # Kept out of the module tree: it wraps self.model, which must not appear twice in the state dict.
-            self.__dict__["_den"] = den
+            cache[fractional] = den
         return den
+
+    def _check_steps(self, steps: Any) -> int:
+        cfg = self.config
+        valid = not isinstance(steps, bool) and isinstance(steps, (int, np.integer))
+        if not valid or not 1 <= steps <= cfg.num_train_timesteps:
+            raise ConfigError(
+                f"steps must be an int in 1..{cfg.num_train_timesteps} (the policy's num_train_timesteps), got {steps!r}"
+            )
+        return int(steps)
 
     def _sigmas(self, sampler: str, steps: int) -> torch.Tensor:
         key = (sampler, steps, self.device)
@@ -441,6 +467,20 @@ class DiffusionUnetPolicy(nn.Module):
 
     def _encode(self, obs: dict[str, torch.Tensor], random_crop: bool, generator: torch.Generator | None = None):
         """Global conditioning (B, To * obs_feature_dim) from validated raw obs."""
+        return self._encode_steps(obs, random_crop, generator).flatten(1)
+
+    def _feature_slices(self) -> dict[str, slice]:
+        """Columns of each low-dim key in the per-step feature vector."""
+        start = len(self.image_keys) * self.config.image_feature_dim
+        out = {}
+        for key in self.lowdim_keys:
+            width = math.prod(self.config.lowdim_shapes[key])
+            out[key] = slice(start, start + width)
+            start += width
+        return out
+
+    def _encode_steps(self, obs: dict[str, torch.Tensor], random_crop: bool, generator: torch.Generator | None = None):
+        """Per-step observation features (B, To, obs_feature_dim - extra_feature_dim)."""
         feats = []
         for key, enc in zip(self.image_keys, self.image_encoders):
             img = obs[key]
@@ -449,7 +489,7 @@ class DiffusionUnetPolicy(nn.Module):
         for key in self.lowdim_keys:
             x = self.normalizer.normalize(key, obs[key])
             feats.append(x.flatten(2))
-        return torch.cat(feats, dim=-1).flatten(1)
+        return torch.cat(feats, dim=-1)
 
     # ----------------------------------------------------------------- public
 
@@ -523,11 +563,8 @@ class DiffusionUnetPolicy(nn.Module):
         self.normalizer.require_set()
         name = cfg.sampler if sampler is None else sampler
         sample_fn = get_sampler(name)
-        steps = cfg.num_inference_steps if steps is None else steps
-        valid = not isinstance(steps, bool) and isinstance(steps, (int, np.integer))
-        if not valid or not 1 <= steps <= cfg.num_train_timesteps:
-            raise ConfigError(f"steps must be an int in 1..{cfg.num_train_timesteps}, got {steps!r}")
-        sigmas = self._sigmas(name, int(steps))
+        steps = self._check_steps(cfg.num_inference_steps if steps is None else steps)
+        sigmas = self._sigmas(name, steps)
         cond = self._encode(self._check_obs(obs, exact_steps=True), random_crop=False)
         shape = (cond.shape[0], cfg.horizon, cfg.action_dim)
         dtype = self.alphas_cumprod.dtype
@@ -537,7 +574,7 @@ class DiffusionUnetPolicy(nn.Module):
         noise = torch.as_tensor(noise).to(device=self.device, dtype=dtype)
         if tuple(noise.shape) != shape:
             raise ConfigError(f"noise must have shape {shape} = (B, horizon, action_dim), got {tuple(noise.shape)}")
-        den = self._denoiser()
+        den = self._denoiser(name)
         den.reset_nfe()
         x = sample_fn(den, vp_noise_to_start(noise, float(sigmas[0])), sigmas, cond=cond, generator=generator)
         self.last_nfe = den.nfe
@@ -557,8 +594,8 @@ class DiffusionUnetPolicy(nn.Module):
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt", "policy_type": POLICY_TYPE})
-        meta = {"schema_version": SCHEMA_VERSION, "policy_type": POLICY_TYPE, "config": self.config.to_dict()}
+        save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt", "policy_type": self.policy_type})
+        meta = {"schema_version": SCHEMA_VERSION, "policy_type": self.policy_type, "config": self.config.to_dict()}
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return path
 
@@ -602,10 +639,13 @@ class DiffusionUnetPolicy(nn.Module):
                 f"checkpoint schema_version {version}, this rtdp reads {SCHEMA_VERSION}; "
                 "re-train or convert the checkpoint with a matching rtdp version"
             )
-        if meta.get("policy_type", POLICY_TYPE) != POLICY_TYPE:
-            raise CheckpointError(f"{cfg_path} is a {meta.get('policy_type')!r} checkpoint, not {POLICY_TYPE!r}")
+        if meta.get("policy_type", POLICY_TYPE) != cls.policy_type:
+            raise CheckpointError(
+                f"{cfg_path} is a {meta.get('policy_type')!r} checkpoint, not {cls.policy_type!r}; "
+                "load it with rtdp.policies.load_policy(dir), which picks the class"
+            )
         try:
-            config = DiffusionUnetConfig.from_dict(meta.get("config", {}))
+            config = cls.config_class.from_dict(meta.get("config", {}))
         except (ValueError, TypeError) as exc:  # ConfigError is a ValueError
             raise CheckpointError(f"{cfg_path} holds an invalid config: {exc}") from exc
         if not weights_path.is_file():

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rtdp.errors import ConfigError
@@ -30,9 +32,22 @@ class SinusoidalPosEmb(nn.Module):
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """t (B,) -> (B, dim)."""
-        arg = t.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
+        """t (B,) or (B, T) -> (B, dim) or (B, T, dim)."""
+        arg = t.to(self.freqs.dtype).unsqueeze(-1) * self.freqs
         return torch.cat([arg.sin(), arg.cos()], dim=-1)
+
+
+class PerPositionCond(NamedTuple):
+    """A per-position condition stored once per distinct row.
+
+    Streaming buffers hold a few noise levels per trajectory (one per rung),
+    so the condition (B, T, C) has few distinct rows; FiLM layers run on
+    ``rows`` (K, C) and gather with ``index`` (B, T) -> the same result as on
+    the full tensor at a fraction of the cost.
+    """
+
+    rows: torch.Tensor
+    index: torch.Tensor
 
 
 class Conv1dBlock(nn.Sequential):
@@ -66,10 +81,22 @@ class ConditionalResidualBlock1D(nn.Module):
         self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * out_channels))
         self.residual_conv = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (B, C_in, T), cond (B, cond_dim) -> (B, C_out, T)."""
+    def forward(self, x: torch.Tensor, cond: "torch.Tensor | PerPositionCond") -> torch.Tensor:
+        """x (B, C_in, T), cond (B, cond_dim) or per position ``PerPositionCond`` over T0 -> (B, C_out, T).
+
+        A per-position condition (streaming: one noise level per action) is
+        FiLM applied position by position; at coarser U-Net levels it is
+        averaged over the positions each feature covers (T0 = T * 2^k).
+        """
         out = self.block1(x)
-        scale, bias = self.cond_encoder(cond).unsqueeze(-1).chunk(2, dim=1)
+        if isinstance(cond, PerPositionCond):
+            # FiLM of each distinct (trajectory, level) row once, then gathered per position.
+            film = self.cond_encoder(cond.rows)[cond.index].transpose(1, 2)
+            if film.shape[-1] != out.shape[-1]:
+                film = F.adaptive_avg_pool1d(film, out.shape[-1])
+        else:
+            film = self.cond_encoder(cond).unsqueeze(-1)
+        scale, bias = film.chunk(2, dim=1)
         out = self.block2(scale * out + bias)
         return out + self.residual_conv(x)
 
@@ -162,7 +189,8 @@ class ConditionalUnet1D(nn.Module):
 
         Args:
             sample: noisy actions, (B, T, Da).
-            timestep: diffusion step, scalar or (B,).
+            timestep: diffusion step (or EDM noise embedding), scalar, (B,), or
+                (B, T) for one noise level per action position.
             global_cond: flattened observation features, (B, global_cond_dim).
 
         Returns:
@@ -172,9 +200,12 @@ class ConditionalUnet1D(nn.Module):
         t = torch.as_tensor(timestep, device=sample.device)
         if t.ndim == 0:
             t = t.expand(batch)
-        cond = self.diffusion_step_encoder(t).to(sample.dtype)
-        if global_cond is not None:
-            cond = torch.cat([cond, global_cond], dim=-1)
+        if t.ndim == 2:
+            cond = self._per_position_cond(t, global_cond, sample.dtype)
+        else:
+            cond = self.diffusion_step_encoder(t).to(sample.dtype)
+            if global_cond is not None:
+                cond = torch.cat([cond, global_cond], dim=-1)
         x = sample.transpose(1, 2)
         skips = []
         for res1, res2, down in self.down_modules:
@@ -187,3 +218,14 @@ class ConditionalUnet1D(nn.Module):
             x = torch.cat([x, skips.pop()], dim=1)
             x = up(res2(res1(x, cond), cond))
         return self.final_conv(x).transpose(1, 2)
+
+    def _per_position_cond(self, t: torch.Tensor, global_cond: torch.Tensor | None, dtype: torch.dtype) -> PerPositionCond:
+        """Condition rows for every distinct (trajectory, step) pair of t (B, T)."""
+        batch, length = t.shape
+        values, inverse = torch.unique(t, return_inverse=True)
+        key = torch.arange(batch, device=t.device).unsqueeze(1) * values.numel() + inverse
+        keys, index = torch.unique(key, return_inverse=True)
+        emb = self.diffusion_step_encoder(values).to(dtype)[keys % values.numel()]
+        if global_cond is not None:
+            emb = torch.cat([emb, global_cond[keys // values.numel()]], dim=-1)
+        return PerPositionCond(emb, index)

@@ -22,18 +22,18 @@ from rtdp.workflows.rollout import RolloutResult, rollout_expert, rollout_policy
 
 
 def load_checkpoint(path: str | Path):
-    """Load a policy checkpoint and the task it was trained on.
+    """Load a policy checkpoint (any policy type) and the task it was trained on.
 
     Returns:
         (policy, meta): the policy in eval mode and ``meta.json``'s content
         (``{}`` when the folder has none).
     """
-    from rtdp.policies.diffusion_unet import DiffusionUnetPolicy
+    from rtdp.policies import load_policy
 
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist; pass checkpoint=<run>/checkpoint")
-    policy = DiffusionUnetPolicy.from_pretrained(path).eval()
+    policy = load_policy(path).eval()
     meta_path = path / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return policy, meta
@@ -54,34 +54,34 @@ def evaluate_checkpoint_policy(
     record_first: bool = False,
     progress: bool = True,
     seed: int = 0,
+    **options: Any,
 ) -> RolloutResult:
-    """Roll a policy out on ``seeds``; its sampling noise comes from its own generator."""
-    import torch
+    """Roll a policy out on ``seeds`` with one inference setting (see ``rtdp.policies.inference``)."""
+    from rtdp.policies.inference import Runner
 
-    generator = torch.Generator().manual_seed(seed)
+    runner = Runner(policy, sampler, steps, seed=seed, **options)
 
-    @torch.no_grad()
-    def predict(obs: dict[str, np.ndarray]) -> np.ndarray:
-        out = policy.predict_action_chunk(obs, sampler=sampler, steps=steps, generator=generator)
-        return out.detach().cpu().numpy()
+    def predict(obs: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+        return runner.predict(obs, rows).detach().cpu().numpy()
 
     was_training = policy.training
     policy.eval()
     try:
         return rollout_policy(
             predict, task, seeds, n_obs_steps=policy.config.n_obs_steps, obs_keys=_obs_keys(policy),
-            batch=batch, record_first=record_first, progress=progress,
+            batch=batch, record_first=record_first, progress=progress, reset=runner.reset,
         )
     finally:
         policy.train(was_training)
 
 
 def measure_latency(policy, task: TaskSpec, *, sampler: str | None, steps: int | None, calls: int = 50,
-                    warmup: int = 5) -> dict[str, Any]:
-    """Wall time of ``predict_action_chunk`` at batch 1 on a real observation."""
+                    warmup: int = 5, **options: Any) -> dict[str, Any]:
+    """Wall time of one inference call at batch 1 on a real observation (after ``warmup`` calls)."""
     import torch
 
     from rtdp.envs import make
+    from rtdp.policies.inference import Runner
 
     env = make(task)
     try:
@@ -90,20 +90,22 @@ def measure_latency(policy, task: TaskSpec, *, sampler: str | None, steps: int |
         env.close()
     keys = _obs_keys(policy)
     batch = {k: np.stack([obs[k]] * policy.config.n_obs_steps)[None] for k in keys}
-    generator = torch.Generator().manual_seed(0)
-    times = []
+    runner = Runner(policy, sampler, steps, seed=0, **options)
+    times, nfes = [], []
     with torch.no_grad():
         for i in range(warmup + calls):
             t0 = time.perf_counter()
-            policy.predict_action_chunk(batch, sampler=sampler, steps=steps, generator=generator)
+            runner.predict(batch)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
+                nfes.append(runner.last_nfe)
     p50, p99 = percentiles_ms(times)
     return {
-        "nfe_per_chunk": int(policy.last_nfe),
+        "nfe_per_chunk": int(np.median(nfes)),
         "latency_ms_p50": p50,
         "latency_ms_p99": p99,
-        "ms_per_action": p50 / policy.config.n_action_steps,
+        "ms_per_action": p50 / runner.n_action_steps,
+        "n_action_steps": runner.n_action_steps,
         "latency_samples_ms": [t * 1e3 for t in times],
     }
 
@@ -148,11 +150,11 @@ def evaluate(
                "ms_per_action": per_action_ms, "latency_samples_ms": []}
         sampler_name, steps_used = "expert", None
     else:
-        from rtdp.core import get_sampler
+        from rtdp.policies.inference import Runner
 
         sampler_name = sampler or policy.config.sampler
-        get_sampler(sampler_name)  # an unknown name fails here, before any episode runs
         steps_used = int(steps or policy.config.num_inference_steps)
+        Runner(policy, sampler_name, steps_used)  # a bad sampler or steps fails here, before any episode runs
         result = evaluate_checkpoint_policy(policy, task, seeds, sampler=sampler_name, steps=steps_used,
                                             batch=batch, record_first=video, seed=seed)
         lat = measure_latency(policy, task, sampler=sampler_name, steps=steps_used, calls=latency_calls)

@@ -56,7 +56,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def rollout_policy(
-    predict: Callable[[dict[str, np.ndarray]], np.ndarray],
+    predict: Callable[[dict[str, np.ndarray], np.ndarray], np.ndarray],
     task: TaskSpec,
     seeds: Sequence[int],
     *,
@@ -66,13 +66,17 @@ def rollout_policy(
     record_first: bool = False,
     progress: bool = True,
     env_kwargs: dict[str, Any] | None = None,
+    reset: Callable[[], None] | None = None,
 ) -> RolloutResult:
     """Run one episode per seed with a chunking policy, ``batch`` episodes at a time.
 
     Args:
-        predict: maps ``{key: (B, To, ...)}`` observations to ``(B, Ta, Da)``
-            actions in environment units; every returned action is executed
-            before the next call (Diffusion Policy's receding horizon).
+        predict: ``predict(obs, rows)`` maps ``{key: (B, To, ...)}`` observations
+            of the still-running episodes to ``(B, Ta, Da)`` actions in
+            environment units; ``rows`` (B,) says which episodes of the current
+            lockstep batch they are (a stateful policy, e.g. streaming, keeps
+            one buffer per row). Every returned action is executed before the
+            next call (Diffusion Policy's receding horizon).
         task: the task to run.
         seeds: one reset seed per episode.
         n_obs_steps: observation history length To; the first observation is
@@ -80,6 +84,7 @@ def rollout_policy(
         obs_keys: observation keys the policy reads.
         batch: episodes stepped in lockstep.
         record_first: keep rendered frames of the first episode for a video.
+        reset: called before every lockstep batch (new episodes start).
     """
     start = time.perf_counter()
     results: list[EpisodeResult] = []
@@ -96,12 +101,14 @@ def rollout_policy(
             for i, seed in enumerate(chunk):
                 obs, _ = envs[i].reset(seed=int(seed))
                 hist.append(deque([obs] * n_obs_steps, maxlen=n_obs_steps))
+            if reset is not None:
+                reset()
             record = record_first and b0 == 0
             if record:
                 frames.append(envs[0].render())
             while not all(done):
                 active = [i for i in range(len(chunk)) if not done[i]]
-                actions = np.asarray(predict(_stack_history([hist[i] for i in active], obs_keys)))
+                actions = np.asarray(predict(_stack_history([hist[i] for i in active], obs_keys), np.asarray(active)))
                 for k in range(actions.shape[1]):
                     for j, i in enumerate(active):
                         if done[i]:

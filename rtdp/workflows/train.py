@@ -40,19 +40,26 @@ def ema_decay(step: int, power: float = 0.75, max_decay: float = 0.9999) -> floa
     return float(min(max_decay, max(0.0, 1.0 - (1.0 + step) ** -power)))
 
 
+POLICIES = ("unet", "edm", "consistency")
+# Fields of policy/<name>.yaml handed to the policy config unchanged.
+_EDM_FIELDS = ("sigma_data", "sigma_min", "sigma_max", "rho", "p_mean", "p_std", "goal_keys", "goal_dropout",
+               "ladder_prob", "stream_action_steps", "stream_steps_per_obs")
+
+
 def build_policy_config(task: TaskSpec, policy_cfg, arrays: dict[str, np.ndarray]):
     """Policy config from the task's observation keys and the data's shapes."""
     from rtdp.policies.diffusion_unet import SIZES, DiffusionUnetConfig
+    from rtdp.policies.edm_unet import EdmUnetConfig
 
-    if policy_cfg.name != "unet":
-        raise ConfigError(f"policy must be one of ['unet'], got {policy_cfg.name!r}")
+    if policy_cfg.name not in ("unet", "edm"):
+        raise ConfigError(f"policy must be one of {list(POLICIES)}, got {policy_cfg.name!r}")
     if policy_cfg.down_dims is not None:
         down_dims = tuple(int(d) for d in policy_cfg.down_dims)
     elif policy_cfg.size in SIZES:
         down_dims = tuple(SIZES[policy_cfg.size])
     else:
         raise ConfigError(f"policy.size must be one of {sorted(SIZES)}, got {policy_cfg.size!r}")
-    return DiffusionUnetConfig(
+    common = dict(
         lowdim_shapes={k: tuple(arrays[k].shape[1:]) for k in task.lowdim_keys},
         image_shapes={k: tuple(arrays[k].shape[1:]) for k in task.image_keys},
         action_dim=int(arrays["action"].shape[-1]),
@@ -64,6 +71,37 @@ def build_policy_config(task: TaskSpec, policy_cfg, arrays: dict[str, np.ndarray
         sampler=str(policy_cfg.sampler),
         num_inference_steps=int(policy_cfg.num_inference_steps),
     )
+    if policy_cfg.name == "unet":
+        return DiffusionUnetConfig(**common)
+    extra = {k: policy_cfg[k] for k in _EDM_FIELDS if k in policy_cfg}
+    if "goal_keys" in extra:
+        extra["goal_keys"] = tuple(extra["goal_keys"] or ())
+    return EdmUnetConfig(**common, **extra)
+
+
+def build_policy(task: TaskSpec, policy_cfg, arrays: dict[str, np.ndarray], stats: dict):
+    """A freshly initialised policy (or, for ``policy=consistency``, a student initialised from its teacher)."""
+    from rtdp.policies import load_policy
+    from rtdp.policies.consistency import ConsistencyUnetConfig, ConsistencyUnetPolicy
+    from rtdp.policies.diffusion_unet import DiffusionUnetPolicy
+    from rtdp.policies.edm_unet import EdmUnetPolicy
+
+    if policy_cfg.name == "consistency":
+        if not policy_cfg.get("teacher"):
+            raise ConfigError("policy=consistency distils an EDM policy: pass policy.teacher=<edm run>/checkpoint")
+        teacher = load_policy(policy_cfg.teacher)
+        if type(teacher) is not EdmUnetPolicy:
+            raise ConfigError(f"policy.teacher must be an EDM checkpoint (policy=edm), got {type(teacher).__name__}")
+        data = {**teacher.config.to_dict(), "ladder_prob": 0.0, "num_inference_steps": 1,
+                "cd_scales": int(policy_cfg.cd_scales), "cd_sigma_min": float(policy_cfg.cd_sigma_min)}
+        student = ConsistencyUnetPolicy(ConsistencyUnetConfig.from_dict(data))
+        student.load_state_dict(teacher.state_dict())
+        student.set_teacher(teacher)
+        return student
+    config = build_policy_config(task, policy_cfg, arrays)
+    policy = (EdmUnetPolicy if policy_cfg.name == "edm" else DiffusionUnetPolicy)(config)
+    policy.set_normalizer(stats)
+    return policy
 
 
 def _save_state(path: Path, model, ema, opt, step: int, np_rng: np.random.Generator, extra: dict) -> None:
@@ -152,7 +190,6 @@ def train(cfg) -> dict[str, Any]:
 
     from rtdp.data.dataset import SequenceDataset, compute_stats, load_arrays
     from rtdp.data.replay_buffer import ReplayBuffer
-    from rtdp.policies.diffusion_unet import DiffusionUnetPolicy
     from rtdp.workflows.eval import evaluate_checkpoint_policy
 
     torch.set_num_threads(int(cfg.threads))
@@ -175,9 +212,8 @@ def train(cfg) -> dict[str, Any]:
 
     torch.manual_seed(int(cfg.seed))
     np_rng = np.random.default_rng(int(cfg.seed))
-    policy_config = build_policy_config(task, cfg.policy, arrays)
-    model = DiffusionUnetPolicy(policy_config)
-    model.set_normalizer(stats)
+    model = build_policy(task, cfg.policy, arrays, stats)
+    policy_config = model.config
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), betas=(0.95, 0.999), weight_decay=float(cfg.weight_decay))
     dataset = SequenceDataset(
@@ -220,9 +256,10 @@ def train(cfg) -> dict[str, Any]:
 
     def evaluate() -> None:
         seeds = list(task.eval_seeds)[: int(cfg.eval_episodes)]
-        res = evaluate_checkpoint_policy(ema, task, seeds, sampler=cfg.eval_sampler, steps=int(cfg.eval_steps), progress=False)
+        steps = None if cfg.eval_steps is None else int(cfg.eval_steps)
+        res = evaluate_checkpoint_policy(ema, task, seeds, sampler=cfg.eval_sampler, steps=steps, progress=False)
         log.append({"step": step, "time_s": round(train_time, 1), "eval_score": res.mean_score, "eval_success": res.success_rate})
-        bar.write(f"step {step}: eval ({len(seeds)} episodes, {cfg.eval_sampler}-{cfg.eval_steps}) "
+        bar.write(f"step {step}: eval ({len(seeds)} episodes, {cfg.eval_sampler or ema.config.sampler}-{steps or ema.config.num_inference_steps}) "
                   f"score {res.mean_score:.3f}, success {res.success_rate:.0%}")
 
     try:

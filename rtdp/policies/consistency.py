@@ -1,0 +1,195 @@
+"""One-step consistency policy distilled from an EDM policy (Consistency Policy, Prasad et al. 2024).
+
+Consistency distillation (Song et al. 2023, Alg. 2): on a Karras grid of
+``cd_scales`` noise levels, a noisy action ``x_{n+1} = x0 + sigma_{n+1} z``
+is moved one ODE step to ``sigma_n`` by the frozen EDM teacher (Heun, as in
+Song et al.'s EDM experiments), and the student is trained so that its
+one-step answers from both points agree:
+``|| f(x_{n+1}, sigma_{n+1}) - stopgrad f(x_hat_n, sigma_n) ||^2``. The
+target network is the student itself under stop-gradient (the ``mu = 0``
+target of Song & Dhariwal 2023, "Improved techniques for training
+consistency models"), which needs no second copy of the weights.
+
+The student uses the consistency parametrisation (``f(x, sigma_min) = x``
+exactly) and starts from the teacher's weights. It acts with one network
+evaluation: ``x0 = f(sigma_max z, sigma_max)``; with ``steps > 1`` it
+re-noises the answer to lower levels and evaluates again (multistep
+consistency sampling, Alg. 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rtdp.core.edm import EDMDenoiser
+from rtdp.core.schedules import sigmas_karras
+from rtdp.errors import ConfigError, DatasetError
+from rtdp.policies.edm_unet import EdmUnetConfig, EdmUnetPolicy
+
+POLICY_TYPE = "consistency_unet"
+MAX_STEPS = 8
+
+
+@dataclass(kw_only=True)
+class ConsistencyUnetConfig(EdmUnetConfig):
+    """``EdmUnetConfig`` plus consistency-distillation settings.
+
+    Attributes:
+        cd_scales: noise levels of the distillation grid (N in Song et al.).
+        cd_sigma_min: boundary level where f(x, sigma) = x.
+    """
+
+    sampler: str = "euler"
+    num_inference_steps: int = 1
+    ladder_prob: float = 0.0
+    cd_scales: int = 18
+    cd_sigma_min: float = 0.002
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if int(self.cd_scales) < 2:
+            raise ConfigError(f"cd_scales must be >= 2, got {self.cd_scales}")
+        self.cd_scales = int(self.cd_scales)
+        self.cd_sigma_min = float(self.cd_sigma_min)
+        if not 0 < self.cd_sigma_min < self.sigma_max:
+            raise ConfigError(f"cd_sigma_min must be in (0, sigma_max={self.sigma_max}), got {self.cd_sigma_min}")
+        if self.num_inference_steps > MAX_STEPS:
+            raise ConfigError(f"a consistency policy acts in 1..{MAX_STEPS} steps, got num_inference_steps={self.num_inference_steps}")
+
+
+class ConsistencyUnetPolicy(EdmUnetPolicy):
+    """Consistency policy: one network evaluation per action chunk.
+
+    Args:
+        config: a validated ``ConsistencyUnetConfig``.
+    """
+
+    policy_type = POLICY_TYPE
+    config_class = ConsistencyUnetConfig
+    config: ConsistencyUnetConfig
+
+    def __init__(self, config: ConsistencyUnetConfig) -> None:
+        super().__init__(config)
+        # The teacher is attached for distillation only; it is not part of the state dict.
+        self.__dict__["teacher"] = None
+
+    def set_teacher(self, teacher: EdmUnetPolicy) -> None:
+        """Attach a frozen EDM teacher for ``compute_loss``."""
+        if not isinstance(teacher, EdmUnetPolicy) or isinstance(teacher, ConsistencyUnetPolicy):
+            raise ConfigError(f"the teacher must be an EDM policy (policy=edm), got {type(teacher).__name__}")
+        self.__dict__["teacher"] = teacher.eval().requires_grad_(False)
+
+    def _denoiser(self, sampler: str = "") -> EDMDenoiser:
+        # One denoiser for every sampler: the network is continuous in sigma.
+        den = self.__dict__.get("_den")
+        if den is None:
+            den = EDMDenoiser(
+                self._net,
+                self.config.sigma_data,
+                consistency_sigma_min=self.config.cd_sigma_min,
+                clip_x0=None,
+            )
+            self.__dict__["_den"] = den
+        return den
+
+    def _check_steps(self, steps: Any) -> int:
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise ConfigError(f"a consistency policy acts in 1..{MAX_STEPS} steps, got {steps!r}")
+        return steps
+
+    def _grid(self) -> torch.Tensor:
+        cfg = self.config
+        return sigmas_karras(cfg.cd_scales, cfg.cd_sigma_min, cfg.sigma_max, cfg.rho)[:-1].flip(0).to(self.device)
+
+    def compute_loss(self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Consistency-distillation loss against the attached teacher.
+
+        Raises:
+            ConfigError: no teacher attached (``set_teacher``).
+        """
+        cfg = self.config
+        teacher = self.__dict__.get("teacher")
+        if teacher is None:
+            raise ConfigError("a consistency policy trains by distillation: call set_teacher(edm_policy) first "
+                              "(rtdp train policy=consistency policy.teacher=<edm checkpoint>)")
+        self.normalizer.require_set()
+        if "obs" not in batch or "action" not in batch:
+            raise DatasetError(f"a training batch needs 'obs' and 'action', got keys {sorted(batch)}")
+        obs = self._check_obs(batch["obs"], exact_steps=False)
+        action = torch.as_tensor(batch["action"]).to(device=self.device, dtype=self.alphas_cumprod.dtype)
+        bsz = action.shape[0]
+        gdev = generator.device if generator is not None else self.device
+        keep = None
+        if cfg.goal_keys:
+            keep = (torch.rand(bsz, generator=generator, device=gdev) >= cfg.goal_dropout).to(self.device)
+        cond = self._encode(obs, random_crop=self.training, generator=generator, keep_goal=keep)
+        with torch.no_grad():
+            t_cond = teacher._encode(teacher._check_obs(batch["obs"], exact_steps=False), random_crop=False,
+                                     keep_goal=keep)
+        x0 = self.normalizer.normalize("action", action)
+        grid = self._grid().to(x0.dtype)
+        n = torch.randint(0, cfg.cd_scales - 1, (bsz,), generator=generator, device=gdev).to(self.device)
+        s_hi, s_lo = grid[n + 1], grid[n]
+        z = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(self.device)
+        x_hi = x0 + s_hi[:, None, None] * z
+        with torch.no_grad():
+            # One Heun step of the teacher's probability-flow ODE from s_hi to s_lo.
+            tden = teacher._denoiser()
+            d_hi = (x_hi - tden(x_hi, s_hi, t_cond)) / s_hi[:, None, None]
+            x_euler = x_hi + (s_lo - s_hi)[:, None, None] * d_hi
+            d_lo = (x_euler - tden(x_euler, s_lo, t_cond)) / s_lo[:, None, None]
+            x_lo = x_hi + (s_lo - s_hi)[:, None, None] * 0.5 * (d_hi + d_lo)
+            target = self._denoiser()(x_lo, s_lo, cond.detach())
+        pred = self._denoiser()(x_hi, s_hi, cond)
+        return F.mse_loss(pred, target)
+
+    @torch.no_grad()
+    def predict_action_chunk(
+        self,
+        obs: Mapping[str, Any],
+        *,
+        sampler: str | None = None,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        guidance_skip_cos: float | None = None,
+    ) -> torch.Tensor:
+        """Act in ``steps`` consistency evaluations (default 1).
+
+        Args:
+            obs: ``{key: (B, To, *shape)}`` in env units.
+            sampler: ignored (kept for a uniform signature).
+            steps: 1..8; levels between are a Karras schedule from sigma_max.
+            generator: source of the initial and re-noising noise.
+            noise: standard-normal initial noise (B, T, Da).
+
+        Returns:
+            actions (B, Ta, Da) in env units.
+        """
+        cfg = self.config
+        self.normalizer.require_set()
+        steps = self._check_steps(cfg.num_inference_steps if steps is None else steps)
+        cond, uncond = self.conditioning(obs)
+        den, _ = self.guided_denoiser(cond, uncond, guidance_scale, guidance_skip_cos)
+        levels = sigmas_karras(steps, max(cfg.sigma_min, cfg.cd_sigma_min), cfg.sigma_max, cfg.rho)[:-1]
+        levels = levels.to(self.device, cond.dtype)
+        b = cond.shape[0]
+        base = self._denoiser()
+        base.reset_nfe()
+        x = self.initial_noise(b, generator, noise) * levels[0]
+        x0 = den(x, levels[0].expand(b), cond)
+        for sigma in levels[1:]:
+            gen_device = generator.device if generator is not None else self.device
+            z = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(self.device)
+            x = x0 + (sigma**2 - cfg.cd_sigma_min**2).clamp_min(0).sqrt() * z
+            x0 = den(x, sigma.expand(b), cond)
+        x0 = x0.clamp(-1, 1) if cfg.clip_sample else x0
+        self.last_nfe = base.nfe
+        start = cfg.n_obs_steps - 1
+        return self.normalizer.unnormalize("action", x0[:, start : start + cfg.n_action_steps])

@@ -1,0 +1,123 @@
+"""One way to run any policy checkpoint with any inference configuration.
+
+Evaluation, benchmarking and the control loop name an inference setting by
+``sampler`` and ``steps`` (``rtdp bench`` prints them as ``<sampler>-<steps>``):
+
+* a core sampler (``ddpm``, ``ddim``, ``euler``, ``euler_a``, ``heun``,
+  ``dpmpp``) on the checkpoint's own noise schedule;
+* ``edm``: Euler on the Karras schedule of an EDM policy (BESO's sampler);
+* ``stream``: the streaming buffer of an EDM policy, ``steps`` network
+  evaluations per observation;
+* ``cm``: a consistency policy, ``steps`` chained one-step evaluations.
+
+``Runner`` hides which of these runs, so a rollout calls
+``runner.predict(obs, rows)`` and ``runner.reset()`` and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from rtdp.core import SAMPLERS
+from rtdp.errors import ConfigError, UnknownNameError
+
+POLICY_SAMPLERS = ("edm", "stream", "cm")
+
+
+def known_samplers() -> list[str]:
+    """Core samplers plus the policy-level configurations."""
+    return sorted(SAMPLERS) + list(POLICY_SAMPLERS)
+
+
+class Runner:
+    """A policy plus an inference setting.
+
+    Args:
+        policy: any rtdp policy.
+        sampler: a core sampler name or one of ``POLICY_SAMPLERS``; None: the policy's default.
+        steps: sampler steps, evaluations per observation (stream), or chained steps (cm).
+        seed: seed of the sampling noise.
+        options: extra keyword arguments of ``predict_action_chunk`` (e.g. ``guidance_scale``).
+
+    Raises:
+        UnknownNameError: unknown sampler.
+        ConfigError: a sampler this policy cannot run, or bad steps.
+    """
+
+    def __init__(self, policy, sampler: str | None = None, steps: int | None = None, *, seed: int = 0,
+                 **options: Any) -> None:
+        from rtdp.policies.consistency import ConsistencyUnetPolicy
+        from rtdp.policies.edm_unet import EdmUnetPolicy
+        from rtdp.policies.streaming import StreamingPolicy
+
+        self.policy = policy
+        self.options = options
+        self.generator = torch.Generator().manual_seed(int(seed))
+        is_edm = isinstance(policy, EdmUnetPolicy)
+        is_cm = isinstance(policy, ConsistencyUnetPolicy)
+        if sampler is None:
+            name = "cm" if is_cm else ("edm" if is_edm and policy.config.sampler == "euler" else policy.config.sampler)
+        else:
+            name = str(sampler)
+        if name not in SAMPLERS and name not in POLICY_SAMPLERS:
+            raise UnknownNameError("sampler", name, known_samplers())
+        if name == "cm" and not is_cm:
+            raise ConfigError(f"sampler 'cm' needs a consistency checkpoint (policy=consistency), got {type(policy).__name__}")
+        if name in ("edm", "stream") and (not is_edm or is_cm):
+            raise ConfigError(f"sampler {name!r} needs an EDM checkpoint (policy=edm), got {type(policy).__name__}")
+        if is_cm and name != "cm":
+            raise ConfigError(f"a consistency checkpoint samples with sampler=cm (1-3 steps), got {name!r}")
+        unknown = sorted(set(options) - {"guidance_scale", "guidance_skip_cos"})
+        if unknown:
+            raise ConfigError(f"unknown inference options {unknown}; known: guidance_scale, guidance_skip_cos")
+        if options and not (is_edm and policy.config.goal_keys):
+            raise ConfigError(
+                f"{', '.join(sorted(options))} need a goal-conditioned EDM checkpoint (policy.goal_keys set); "
+                f"this {type(policy).__name__} has no goal"
+            )
+        self.name = name
+        self.steps = policy.config.num_inference_steps if steps is None else steps
+        self.stream = None
+        if name == "stream":
+            self.stream = StreamingPolicy(policy, self.steps)
+        else:
+            self.steps = policy._check_steps(self.steps)
+        # "edm" is Euler on the EDM policy's Karras schedule.
+        self.core_sampler = "euler" if name == "edm" else (None if name in ("stream", "cm") else name)
+
+    @property
+    def n_action_steps(self) -> int:
+        """Actions returned per call."""
+        return self.stream.n_action_steps if self.stream is not None else self.policy.config.n_action_steps
+
+    @property
+    def last_nfe(self) -> int:
+        """Network evaluations of the last call."""
+        return self.stream.last_nfe if self.stream is not None else self.policy.last_nfe
+
+    def reset(self) -> None:
+        """Start new episodes (clears streaming buffers)."""
+        if self.stream is not None:
+            self.stream.reset()
+
+    @torch.no_grad()
+    def predict(self, obs: Mapping[str, Any], rows: np.ndarray | None = None, *,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Actions (B, n_action_steps, Da) in env units.
+
+        Args:
+            obs: ``{key: (B, To, *shape)}``.
+            rows: for streaming, which episodes' buffers these observations continue.
+            noise: initial noise for one-shot samplers (ignored by streaming).
+        """
+        if self.stream is not None:
+            return self.stream.predict_action_chunk(obs, generator=self.generator, rows=rows, **self.options)
+        if self.name == "cm":
+            return self.policy.predict_action_chunk(obs, steps=self.steps, generator=self.generator, noise=noise)
+        return self.policy.predict_action_chunk(obs, sampler=self.core_sampler, steps=self.steps,
+                                                generator=self.generator, noise=noise, **self.options)
+

@@ -1,0 +1,435 @@
+"""``rtdp bench``: latency, NFE, fidelity and (optionally) success of inference configurations.
+
+Every configuration is named ``<sampler>-<steps>[+<option>...]`` (DESIGN.md):
+``ddpm-100``, ``ddim-10``, ``dpmpp-8``, ``edm-3``, ``stream-1``, ``cm-1``,
+``edm-3+g0`` (guidance scale 0), ``edm-3+skip0.95`` (guidance skipping at
+cosine 0.95). Each runs on the checkpoint that can serve it: ``cm`` on a
+consistency checkpoint, ``edm`` / ``stream`` on an EDM checkpoint, core
+samplers on a DDPM (epsilon) checkpoint, or the EDM one if there is none.
+
+Timing follows DESIGN.md: batch 1, torch threads = physical cores, warm-up
+excluded, median and p99 over ``calls`` calls, all configurations measured
+side by side in one process. ``floor_ms_per_nfe`` is the time to stream the
+network's weights once from memory at the bandwidth measured on the spot:
+a batch-1 evaluation cannot be faster than that on this machine.
+``action_mse`` compares each configuration's actions with ``ddpm-100`` of the
+same checkpoint from the same noise and observations (normalised units).
+
+With no checkpoint, ``size=dp_lowdim`` / ``size=dp_image`` (or small/medium)
+times freshly initialised policies of that U-Net size for the task's
+observation shapes: timing only, no success and no fidelity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rtdp.envs import TaskSpec, get_task
+from rtdp.errors import ConfigError
+from rtdp.workflows.metrics import percentiles_ms, wilson_interval
+from rtdp.workflows.report import print_table
+
+DEFAULT_CONFIGS = {
+    "diffusion_unet": ["ddpm-100", "ddim-10", "dpmpp-8", "dpmpp-5"],
+    "edm_unet": ["edm-3", "stream-1", "stream-2"],
+    "consistency_unet": ["cm-1", "cm-2"],
+}
+_NAME = re.compile(r"^(?P<sampler>[a-z_]+)-(?P<steps>\d+)(?P<opts>(\+[a-z]+[0-9.]*)*)$")
+
+
+@dataclass
+class BenchConfig:
+    """A parsed configuration name."""
+
+    name: str
+    sampler: str
+    steps: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_config(name: str) -> BenchConfig:
+    """Parse ``<sampler>-<steps>[+option...]``.
+
+    Options: ``+g<scale>`` (classifier-free guidance scale), ``+skip<cos>``
+    (guidance skipping threshold).
+
+    Raises:
+        ConfigError: a malformed name, steps <= 0 or an unknown option.
+    """
+    m = _NAME.match(str(name))
+    if m is None:
+        raise ConfigError(
+            f"configuration {name!r} must read <sampler>-<steps>[+option...], e.g. ddpm-100, edm-3, stream-1, "
+            "edm-3+g0, edm-3+skip0.95"
+        )
+    steps = int(m["steps"])
+    if steps <= 0:
+        raise ConfigError(f"configuration {name!r}: steps must be >= 1")
+    options: dict[str, Any] = {}
+    for opt in filter(None, m["opts"].split("+")):
+        key = re.match(r"[a-z]+", opt).group(0)
+        value = opt[len(key):]
+        if key == "g" and value:
+            options["guidance_scale"] = float(value)
+        elif key == "skip" and value:
+            options["guidance_skip_cos"] = float(value)
+        else:
+            raise ConfigError(f"configuration {name!r}: unknown option +{opt}; known: +g<scale>, +skip<cos>")
+    return BenchConfig(str(name), m["sampler"], steps, options)
+
+
+def physical_cores() -> int:
+    """Physical CPU cores available to this process (logical count when unknown)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return min(int(n), len(os.sched_getaffinity(0)))
+    except (ImportError, AttributeError):
+        pass
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def memory_bandwidth_gbs(n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Copy bandwidth measured now (read + write bytes per second, best of ``repeats``), GB/s."""
+    import torch
+
+    src = torch.ones(n_bytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n_bytes / best / 1e9
+
+
+def _device_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu: {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"cpu: {platform.processor() or platform.machine()}"
+
+
+def _fresh_policies(task: TaskSpec, size: str) -> list:
+    """DDPM, EDM and consistency policies of one U-Net size, randomly initialised, for timing."""
+    import torch
+
+    from rtdp.envs import make
+    from rtdp.policies import SIZES
+    from rtdp.policies.consistency import ConsistencyUnetConfig, ConsistencyUnetPolicy
+    from rtdp.policies.diffusion_unet import DiffusionUnetConfig, DiffusionUnetPolicy
+    from rtdp.policies.edm_unet import EdmUnetConfig, EdmUnetPolicy
+
+    if size not in SIZES:
+        raise ConfigError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    env = make(task)
+    try:
+        obs, _ = env.reset(seed=int(task.eval_seeds[0]))
+    finally:
+        env.close()
+    common = dict(
+        lowdim_shapes={k: tuple(np.shape(obs[k])) for k in task.lowdim_keys},
+        image_shapes={k: tuple(np.shape(obs[k])) for k in task.image_keys},
+        action_dim=task.action_dim,
+        down_dims=size,
+    )
+    stats = {k: {"min": -np.ones(int(np.prod(v))), "max": np.ones(int(np.prod(v)))}
+             for k, v in common["lowdim_shapes"].items()}
+    stats["action"] = {"min": -np.ones(task.action_dim), "max": np.ones(task.action_dim)}
+    policies = []
+    torch.manual_seed(0)
+    for cls, cfg_cls in ((DiffusionUnetPolicy, DiffusionUnetConfig), (EdmUnetPolicy, EdmUnetConfig),
+                         (ConsistencyUnetPolicy, ConsistencyUnetConfig)):
+        policy = cls(cfg_cls(**common)).eval()
+        policy.set_normalizer(stats)
+        if policies:  # same weights for every family: their timings differ only by the sampler
+            policy.load_state_dict(policies[0].state_dict())
+        policies.append(policy)
+    return policies
+
+
+def _serving_policy(cfg: BenchConfig, policies: list):
+    from rtdp.policies.consistency import ConsistencyUnetPolicy
+    from rtdp.policies.diffusion_unet import DiffusionUnetPolicy
+    from rtdp.policies.edm_unet import EdmUnetPolicy
+
+    by_type = {}
+    for p in policies:
+        by_type.setdefault(type(p), p)
+    if cfg.sampler == "cm":
+        wanted = [ConsistencyUnetPolicy]
+    elif cfg.sampler in ("edm", "stream"):
+        wanted = [EdmUnetPolicy]
+    else:
+        wanted = [DiffusionUnetPolicy, EdmUnetPolicy]
+    for cls in wanted:
+        if cls in by_type:
+            return by_type[cls]
+    have = ", ".join(sorted(p.policy_type for p in by_type.values()))
+    raise ConfigError(f"configuration {cfg.name!r} needs a {wanted[0].policy_type} checkpoint; given: {have}")
+
+
+def _bench_obs(task: TaskSpec, policy, n: int) -> list[dict[str, np.ndarray]]:
+    """Batch-1 observations (To copies of a reset observation) of the first ``n`` eval seeds."""
+    from rtdp.envs import make
+
+    keys = [*policy.config.lowdim_shapes, *policy.config.image_shapes]
+    env = make(task)
+    out = []
+    try:
+        for seed in list(task.eval_seeds)[:n]:
+            obs, _ = env.reset(seed=int(seed))
+            out.append({k: np.stack([obs[k]] * policy.config.n_obs_steps)[None] for k in keys})
+    finally:
+        env.close()
+    return out
+
+
+def _normalised_actions(runner, obs, noise) -> np.ndarray:
+    policy = runner.policy
+    runner.reset()
+    runner.generator.manual_seed(0)
+    act = runner.predict(obs, noise=noise)
+    return policy.normalizer.normalize("action", act).detach().cpu().numpy()
+
+
+def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup: int, obs_list, bandwidth_gbs: float,
+                 episodes: int, batch: int, reference: dict | None, progress: bool) -> dict[str, Any]:
+    """Measure one configuration; returns DESIGN.md's per-configuration keys."""
+    import torch
+
+    from rtdp.policies.inference import Runner
+    from rtdp.workflows.eval import evaluate_checkpoint_policy
+
+    runner = Runner(policy, cfg.sampler, cfg.steps, seed=0, **cfg.options)
+    obs = obs_list[0]
+    times, nfes = [], []
+    with torch.no_grad():
+        for i in range(warmup + calls):
+            t0 = time.perf_counter()
+            runner.predict(obs)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+                nfes.append(runner.last_nfe)
+    p50, p99 = percentiles_ms(times)
+    nfe = int(np.median(nfes))
+    weight_bytes = sum(p.numel() * p.element_size() for p in policy.model.parameters())
+    row: dict[str, Any] = {
+        "name": cfg.name,
+        "sampler": cfg.sampler,
+        "steps": cfg.steps,
+        "checkpoint": getattr(policy, "_bench_source", None),
+        "policy_type": policy.policy_type,
+        "nfe_per_chunk": nfe,
+        "n_action_steps": runner.n_action_steps,
+        "latency_ms_p50": p50,
+        "latency_ms_p99": p99,
+        "ms_per_action": p50 / runner.n_action_steps,
+        "ms_per_nfe": p50 / max(1, nfe),
+        "floor_ms_per_nfe": weight_bytes / (bandwidth_gbs * 1e9) * 1e3,
+        "weight_mb": weight_bytes / 2**20,
+        "action_mse": None,
+    }
+    if reference is not None and reference["policy"] is policy:
+        diffs = []
+        for o, noise, ref in zip(obs_list, reference["noise"], reference["actions"]):
+            act = _normalised_actions(runner, o, noise)
+            k = min(act.shape[1], ref.shape[1])
+            diffs.append(float(np.mean((act[:, :k] - ref[:, :k]) ** 2)))
+        row["action_mse"] = float(np.mean(diffs))
+    if episodes > 0:
+        seeds = list(task.eval_seeds)[:episodes]
+        res = evaluate_checkpoint_policy(policy, task, seeds, sampler=cfg.sampler, steps=cfg.steps, batch=batch,
+                                         progress=progress, **cfg.options)
+        row.update({
+            "episodes": len(res.episodes),
+            "success_rate": res.success_rate,
+            "success_ci95": list(wilson_interval(res.n_success, len(res.episodes))),
+            "mean_score": res.mean_score,
+        })
+    return row
+
+
+def bench(
+    *,
+    checkpoints: list[str],
+    size: str | None,
+    task_name: str | None,
+    configs: list[str] | None,
+    episodes: int = 0,
+    calls: int = 50,
+    warmup: int = 5,
+    threads: int | None = None,
+    batch: int = 50,
+    mse_observations: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every configuration and return the report dict (DESIGN.md's ``rtdp bench`` keys)."""
+    import torch
+
+    from rtdp.policies.inference import Runner
+    from rtdp.workflows.eval import load_checkpoint
+
+    threads = physical_cores() if threads is None else int(threads)
+    torch.set_num_threads(threads)
+    if not checkpoints and size is None:
+        raise ConfigError("rtdp bench needs checkpoint=<dir> (or checkpoints=[...]) or size=dp_lowdim|dp_image")
+    if checkpoints and size is not None:
+        raise ConfigError("give either checkpoints (trained policies) or size (fresh policies for timing), not both")
+    policies, metas = [], []
+    for path in checkpoints:
+        policy, meta = load_checkpoint(path)
+        policy._bench_source = str(path)
+        policies.append(policy)
+        metas.append(meta)
+    if size is not None:
+        task = get_task(task_name or ("pusht_image" if size == "dp_image" else "pusht"))
+        policies = _fresh_policies(task, size)
+        for p in policies:
+            p._bench_source = f"fresh:{size}"
+        if episodes:
+            raise ConfigError("episodes need trained checkpoints; size= benchmarks time freshly initialised networks")
+    else:
+        task = get_task(task_name or metas[0].get("task") or "pusht")
+    if configs is None:
+        names: list[str] = []
+        for p in policies:
+            names += [n for n in DEFAULT_CONFIGS[p.policy_type] if n not in names]
+        if any(p.policy_type == "diffusion_unet" for p in policies) or size is not None:
+            names = ["ddpm-100"] + [n for n in names if n != "ddpm-100"]
+    else:
+        names = list(configs)
+    parsed = [parse_config(n) for n in names]
+    plan = [(c, _serving_policy(c, policies)) for c in parsed]
+    for c, p in plan:  # every configuration is validated before anything is timed
+        Runner(p, c.sampler, c.steps, **c.options)
+
+    obs_list = _bench_obs(task, policies[0], max(1, mse_observations))
+    bandwidth = memory_bandwidth_gbs()
+    # Reference actions: ddpm-100 on each checkpoint that has one, from fixed noise.
+    references = {}
+    for p in policies:
+        try:
+            ref_runner = Runner(p, "ddpm", 100, seed=0)
+        except (ConfigError, ValueError):
+            continue
+        gen = torch.Generator().manual_seed(1234)
+        noise = [torch.randn((1, p.config.horizon, p.config.action_dim), generator=gen) for _ in obs_list]
+        acts = [_normalised_actions(ref_runner, o, n) for o, n in zip(obs_list, noise)]
+        references[id(p)] = {"policy": p, "noise": noise, "actions": acts}
+
+    rows = []
+    from tqdm.auto import tqdm
+
+    for c, p in tqdm(plan, desc="bench", disable=not progress, dynamic_ncols=True):
+        rows.append(bench_config(c, p, task, calls=calls, warmup=warmup, obs_list=obs_list, bandwidth_gbs=bandwidth,
+                                 episodes=int(episodes), batch=batch, reference=references.get(id(p)),
+                                 progress=progress))
+    base = next((r for r in rows if r["name"] == "ddpm-100"), None)
+    for r in rows:
+        r["speedup_per_action_vs_ddpm100"] = (base["ms_per_action"] / r["ms_per_action"]) if base else None
+    down_dims = sorted({tuple(p.config.down_dims) for p in policies})
+    return {
+        "device": _device_name(),
+        "threads": threads,
+        "policy": sorted({p.policy_type for p in policies}),
+        "size": size or ("/".join(str(d) for d in down_dims[0]) if len(down_dims) == 1 else [list(d) for d in down_dims]),
+        "task": task.name,
+        "checkpoints": [str(c) for c in checkpoints],
+        "memory_bandwidth_gbs": bandwidth,
+        "calls": calls,
+        "configs": rows,
+    }
+
+
+def plot_bench(report: dict[str, Any], path: Path) -> Path:
+    """Latency per executed action vs success (one point per configuration); latency bars without episodes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["configs"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if all("success_rate" in r for r in rows):
+        for r in rows:
+            lo, hi = r["success_ci95"]
+            y = r["success_rate"]
+            ax.errorbar(r["ms_per_action"], y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3)
+            ax.annotate(r["name"], (r["ms_per_action"], y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("latency per executed action, ms (median, batch 1)")
+        ax.set_ylabel(f"success rate ({rows[0]['episodes']} episodes, 95% CI)")
+        ax.set_ylim(0, 1.05)
+    else:
+        names = [r["name"] for r in rows]
+        ax.barh(names, [r["latency_ms_p50"] for r in rows])
+        ax.set_xscale("log")
+        ax.set_xlabel("latency per chunk, ms (median, batch 1)")
+    ax.set_title(f"rtdp bench: {report['task']}, {report['threads']} threads, {report['size']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def print_bench(report: dict[str, Any]) -> None:
+    """Human table of the report."""
+    print(f"rtdp bench: {report['task']}  size {report['size']}  {report['device']}  threads {report['threads']}  "
+          f"memory bandwidth {report['memory_bandwidth_gbs']:.1f} GB/s")
+    header = (f"{'config':<18}{'NFE':>5}{'p50 ms':>10}{'p99 ms':>10}{'ms/act':>9}{'ms/NFE':>9}{'floor':>8}"
+              f"{'mse':>10}{'x ddpm100':>11}{'success':>22}")
+    print(header)
+    for r in report["configs"]:
+        mse = "-" if r["action_mse"] is None else f"{r['action_mse']:.2e}"
+        sp = "-" if r["speedup_per_action_vs_ddpm100"] is None else f"{r['speedup_per_action_vs_ddpm100']:.1f}"
+        succ = "-"
+        if "success_rate" in r:
+            lo, hi = r["success_ci95"]
+            succ = f"{r['success_rate']:.0%} ({lo:.0%}-{hi:.0%}) n={r['episodes']}"
+        print(f"{r['name']:<18}{r['nfe_per_chunk']:>5}{r['latency_ms_p50']:>10.1f}{r['latency_ms_p99']:>10.1f}"
+              f"{r['ms_per_action']:>9.2f}{r['ms_per_nfe']:>9.2f}{r['floor_ms_per_nfe']:>8.2f}{mse:>10}{sp:>11}"
+              f"{succ:>22}")
+
+
+def run(cfg) -> dict[str, Any]:
+    """CLI entry: ``rtdp bench checkpoint=DIR [checkpoints=[...]] [size=dp_lowdim] [configs=[...]] json=PATH``."""
+    checkpoints = [str(c) for c in (cfg.checkpoints or [])]
+    if cfg.checkpoint:
+        checkpoints.insert(0, str(cfg.checkpoint))
+    report = bench(
+        checkpoints=checkpoints,
+        size=cfg.size,
+        task_name=cfg.task,
+        configs=None if cfg.configs is None else [str(c) for c in cfg.configs],
+        episodes=int(cfg.episodes),
+        calls=int(cfg.calls),
+        warmup=int(cfg.warmup),
+        threads=cfg.threads,
+        batch=int(cfg.batch),
+    )
+    print_bench(report)
+    if cfg.json:
+        path = Path(cfg.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        report["plot"] = str(plot_bench(report, path.with_suffix(".png")))
+        print(f"report: {path}, plot: {report['plot']}")
+    return report
