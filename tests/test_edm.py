@@ -202,3 +202,30 @@ def test_runner_and_bench_names_give_typed_errors():
     for bad, msg in (("ddpm", "must read"), ("ddpm-0", "steps must be >= 1"), ("edm-3+int9", "unknown option")):
         with pytest.raises(ConfigError, match=msg):
             parse_config(bad)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("dpmpp", 5), ("edm", 3), ("stream", 2), ("cm", 2)])
+def test_observations_encoded_once_per_chunk(sampler, steps):
+    from rtdp.policies.diffusion_unet import DiffusionUnetConfig, DiffusionUnetPolicy
+
+    common = dict(image_shapes={"img": (16, 16, 3)}, lowdim_shapes={"s": (3,)}, action_dim=DA, crop_shape=None,
+                  image_feature_dim=8, num_keypoints=4, **SMALL)
+    stats = {"s": STATS["s"], "action": STATS["action"]}
+    if sampler in ("ddim", "dpmpp"):
+        policy = DiffusionUnetPolicy(DiffusionUnetConfig(**common))
+    elif sampler == "cm":
+        policy = ConsistencyUnetPolicy(ConsistencyUnetConfig(**common))
+    else:
+        policy = EdmUnetPolicy(EdmUnetConfig(**common))
+    policy.eval().set_normalizer(stats)
+    encoder_calls = []
+    policy.image_encoders[0].register_forward_hook(lambda *a: encoder_calls.append(1))
+    net_calls = _count_calls(policy)
+    runner = Runner(policy, sampler, steps)
+    obs = {"img": torch.randint(0, 255, (1, TO, 16, 16, 3), dtype=torch.uint8), "s": torch.rand(1, TO, 3)}
+    for _ in range(2):
+        encoder_calls.clear()
+        net_calls.clear()
+        runner.predict(obs)
+        assert len(encoder_calls) == 1  # the ResNet runs once per chunk, for all To frames at once
+    assert len(net_calls) == runner.last_nfe == steps

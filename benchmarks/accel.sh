@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Reproduce the acceleration-core figures (issue "Acceleration core, part 1") quoted in
+# benchmarks/RESULTS.md: EDM (BESO) + streaming policies, consistency distillation, the
+# goal-conditioned PushT task with classifier-free guidance, and `rtdp bench` side by side.
+# Needs the demonstrations and DDPM-100 checkpoints of benchmarks/pipeline.sh in $OUT.
+# Each training stage is skipped when its summary exists. Timing runs want quiet cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RTDP=${RTDP:-.venv/bin/rtdp}
+OUT=${OUT:-runs}
+mkdir -p "$OUT"
+
+# EDM policies (one network serves edm-3 and the streaming buffer: half the batches carry the noise ladder)
+[ -f "$OUT/pusht_edm/summary.json" ] || $RTDP train policy=edm data="$OUT/pusht.zarr" out="$OUT/pusht_edm" \
+    steps=10000 lr=5e-4 eval_every=2500 eval_episodes=20 checkpoint_every=500 threads=1 resume=true
+[ -f "$OUT/lift_edm/summary.json" ] || $RTDP train task=lift policy=edm policy.size=medium data="$OUT/lift.zarr" \
+    out="$OUT/lift_edm" steps=4000 lr=1e-4 eval_every=1000 eval_episodes=10 checkpoint_every=500 threads=1 resume=true
+
+# Consistency policies distilled from the EDM teachers
+[ -f "$OUT/pusht_cm/summary.json" ] || $RTDP train policy=consistency policy.teacher="$OUT/pusht_edm/checkpoint" \
+    data="$OUT/pusht.zarr" out="$OUT/pusht_cm" steps=2000 lr=1e-4 warmup_steps=100 eval_every=1000 eval_episodes=20 \
+    checkpoint_every=500 threads=1 resume=true
+[ -f "$OUT/lift_cm/summary.json" ] || $RTDP train task=lift policy=consistency policy.teacher="$OUT/lift_edm/checkpoint" \
+    data="$OUT/lift.zarr" out="$OUT/lift_cm" steps=1500 lr=5e-5 warmup_steps=100 eval_every=500 eval_episodes=10 \
+    checkpoint_every=500 threads=1 resume=true
+
+# Goal-conditioned PushT: random goal per episode, goal dropped with p=0.1 in training
+[ -d "$OUT/pusht_goal.zarr" ] || $RTDP collect task=pusht_goal episodes=300 seed=0 out="$OUT/pusht_goal.zarr"
+[ -f "$OUT/pusht_goal_edm/summary.json" ] || $RTDP train task=pusht_goal policy=edm 'policy.goal_keys=[goal_keypoint]' \
+    policy.ladder_prob=0 data="$OUT/pusht_goal.zarr" out="$OUT/pusht_goal_edm" steps=10000 lr=5e-4 eval_every=2500 \
+    eval_episodes=20 checkpoint_every=500 threads=1 resume=true
+
+# Side by side, 50 episodes per configuration (success, score, latency, NFE, action MSE vs ddpm-100)
+$RTDP bench checkpoint="$OUT/pusht_small/checkpoint" checkpoints="[$OUT/pusht_edm/checkpoint,$OUT/pusht_cm/checkpoint]" \
+    configs=[ddpm-100,ddim-10,dpmpp-8,dpmpp-5,edm-3,stream-1,stream-2,cm-1,cm-2] episodes=50 json="$OUT/bench_pusht.json"
+$RTDP bench checkpoint="$OUT/lift_small/checkpoint" checkpoints="[$OUT/lift_edm/checkpoint,$OUT/lift_cm/checkpoint]" \
+    configs=[ddpm-100,ddim-10,dpmpp-8,dpmpp-5,edm-3,stream-1,stream-2,cm-1,cm-2] episodes=50 json="$OUT/bench_lift.json"
+$RTDP bench checkpoint="$OUT/pusht_goal_edm/checkpoint" \
+    configs=[edm-3,edm-3+g0,edm-3+g2,edm-3+g2+skip0.99,edm-3+g2+skip0.9] episodes=50 json="$OUT/bench_pusht_goal.json"
+
+# Diffusion Policy's own network sizes, freshly initialised (timing only)
+$RTDP bench size=dp_lowdim configs=[ddpm-100,ddim-10,dpmpp-8,edm-3,stream-1,stream-2,cm-1] json="$OUT/bench_dp_lowdim.json"
+$RTDP bench size=dp_image configs=[ddim-10,edm-3,stream-1,stream-2,cm-1] calls=50 json="$OUT/bench_dp_image.json"
