@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from rtdp.core.edm import EDMDenoiser
 from rtdp.core.schedules import sigmas_karras
-from rtdp.errors import ConfigError, DatasetError
+from rtdp.errors import ConfigError
 from rtdp.policies.edm_unet import EdmUnetConfig, EdmUnetPolicy
 
 POLICY_TYPE = "consistency_unet"
@@ -117,21 +117,13 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
         if teacher is None:
             raise ConfigError("a consistency policy trains by distillation: call set_teacher(edm_policy) first "
                               "(rtdp train policy=consistency policy.teacher=<edm checkpoint>)")
-        self.normalizer.require_set()
-        if "obs" not in batch or "action" not in batch:
-            raise DatasetError(f"a training batch needs 'obs' and 'action', got keys {sorted(batch)}")
-        obs = self._check_obs(batch["obs"], exact_steps=False)
-        action = torch.as_tensor(batch["action"]).to(device=self.device, dtype=self.alphas_cumprod.dtype)
-        bsz = action.shape[0]
+        obs, x0 = self._check_batch(batch)
+        bsz = x0.shape[0]
         gdev = generator.device if generator is not None else self.device
-        keep = None
-        if cfg.goal_keys:
-            keep = (torch.rand(bsz, generator=generator, device=gdev) >= cfg.goal_dropout).to(self.device)
-        cond = self._encode(obs, random_crop=self.training, generator=generator, keep_goal=keep)
+        cond, keep = self._training_cond(obs, bsz, generator)
         with torch.no_grad():
             t_cond = teacher._encode(teacher._check_obs(batch["obs"], exact_steps=False), random_crop=False,
                                      keep_goal=keep)
-        x0 = self.normalizer.normalize("action", action)
         grid = self._grid().to(x0.dtype)
         n = torch.randint(0, cfg.cd_scales - 1, (bsz,), generator=generator, device=gdev).to(self.device)
         s_hi, s_lo = grid[n + 1], grid[n]

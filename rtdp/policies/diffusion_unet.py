@@ -493,6 +493,22 @@ class DiffusionUnetPolicy(nn.Module):
 
     # ----------------------------------------------------------------- public
 
+    def _check_batch(self, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Validated training observations and the normalised action (B, T, Da)."""
+        cfg = self.config
+        self.normalizer.require_set()
+        if "obs" not in batch or "action" not in batch:
+            raise DatasetError(f"a training batch needs 'obs' and 'action', got keys {sorted(batch)}")
+        obs = self._check_obs(batch["obs"], exact_steps=False)
+        action = torch.as_tensor(batch["action"]).to(device=self.device, dtype=self.alphas_cumprod.dtype)
+        bsz = next(iter(obs.values())).shape[0]
+        if tuple(action.shape) != (bsz, cfg.horizon, cfg.action_dim):
+            raise DatasetError(
+                f"batch['action'] must have shape ({bsz}, {cfg.horizon}, {cfg.action_dim}) = (B, horizon, action_dim), "
+                f"got {tuple(action.shape)}"
+            )
+        return obs, self.normalizer.normalize("action", action)
+
     def compute_loss(self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None) -> torch.Tensor:
         """DDPM epsilon-prediction loss on a batch of demonstrations.
 
@@ -510,19 +526,9 @@ class DiffusionUnetPolicy(nn.Module):
             DatasetError: the action has the wrong shape.
         """
         cfg = self.config
-        self.normalizer.require_set()
-        if "obs" not in batch or "action" not in batch:
-            raise DatasetError(f"a training batch needs 'obs' and 'action', got keys {sorted(batch)}")
-        obs = self._check_obs(batch["obs"], exact_steps=False)
-        action = torch.as_tensor(batch["action"]).to(device=self.device, dtype=self.alphas_cumprod.dtype)
-        bsz = next(iter(obs.values())).shape[0]
-        if tuple(action.shape) != (bsz, cfg.horizon, cfg.action_dim):
-            raise DatasetError(
-                f"batch['action'] must have shape ({bsz}, {cfg.horizon}, {cfg.action_dim}) = (B, horizon, action_dim), "
-                f"got {tuple(action.shape)}"
-            )
+        obs, x0 = self._check_batch(batch)
+        bsz = x0.shape[0]
         cond = self._encode(obs, random_crop=self.training, generator=generator)
-        x0 = self.normalizer.normalize("action", action)
         gen_device = generator.device if generator is not None else self.device
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(self.device)
         t = torch.randint(0, cfg.num_train_timesteps, (bsz,), generator=generator, device=gen_device).to(self.device)

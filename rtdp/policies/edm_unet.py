@@ -28,7 +28,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +35,7 @@ from rtdp.core import get_sampler
 from rtdp.core.edm import EDMDenoiser, sample_log_normal_sigma
 from rtdp.core.guidance import GuidedDenoiser
 from rtdp.core.schedules import sigmas_karras
-from rtdp.errors import ConfigError, DatasetError
+from rtdp.errors import ConfigError
 from rtdp.policies.diffusion_unet import DiffusionUnetConfig, DiffusionUnetPolicy, _int_tuple
 
 POLICY_TYPE = "edm_unet"
@@ -204,6 +203,14 @@ class EdmUnetPolicy(DiffusionUnetPolicy):
     def _encode(self, obs, random_crop, generator=None, keep_goal: torch.Tensor | None = None):
         return self._encode_steps(obs, random_crop, generator, keep_goal).flatten(1)
 
+    def _training_cond(self, obs, bsz: int, generator: torch.Generator | None):
+        """Training conditioning with the goal dropped at rate ``goal_dropout``; (cond, keep mask or None)."""
+        keep = None
+        if self.config.goal_keys:
+            gdev = generator.device if generator is not None else self.device
+            keep = (torch.rand(bsz, generator=generator, device=gdev) >= self.config.goal_dropout).to(self.device)
+        return self._encode(obs, random_crop=self.training, generator=generator, keep_goal=keep), keep
+
     def _training_sigmas(self, bsz: int, generator: torch.Generator | None) -> torch.Tensor:
         """(B, T) noise levels: log-normal per trajectory, or a jittered streaming ladder."""
         cfg = self.config
@@ -264,23 +271,10 @@ class EdmUnetPolicy(DiffusionUnetPolicy):
             scalar loss.
         """
         cfg = self.config
-        self.normalizer.require_set()
-        if "obs" not in batch or "action" not in batch:
-            raise DatasetError(f"a training batch needs 'obs' and 'action', got keys {sorted(batch)}")
-        obs = self._check_obs(batch["obs"], exact_steps=False)
-        action = torch.as_tensor(batch["action"]).to(device=self.device, dtype=self.alphas_cumprod.dtype)
-        bsz = next(iter(obs.values())).shape[0]
-        if tuple(action.shape) != (bsz, cfg.horizon, cfg.action_dim):
-            raise DatasetError(
-                f"batch['action'] must have shape ({bsz}, {cfg.horizon}, {cfg.action_dim}) = (B, horizon, action_dim), "
-                f"got {tuple(action.shape)}"
-            )
+        obs, x0 = self._check_batch(batch)
+        bsz = x0.shape[0]
         gdev = generator.device if generator is not None else self.device
-        keep = None
-        if cfg.goal_keys:
-            keep = (torch.rand(bsz, generator=generator, device=gdev) >= cfg.goal_dropout).to(self.device)
-        cond = self._encode(obs, random_crop=self.training, generator=generator, keep_goal=keep)
-        x0 = self.normalizer.normalize("action", action)
+        cond, _ = self._training_cond(obs, bsz, generator)
         sigma = self._training_sigmas(bsz, generator)
         if cfg.ladder_prob == 0.0:
             sigma = sigma[:, 0]  # one level per trajectory: the cheaper (B,) path of the network

@@ -35,8 +35,7 @@ import numpy as np
 
 from rtdp.envs import TaskSpec, get_task
 from rtdp.errors import ConfigError
-from rtdp.workflows.metrics import percentiles_ms, wilson_interval
-from rtdp.workflows.report import print_table
+from rtdp.workflows.metrics import wilson_interval
 
 DEFAULT_CONFIGS = {
     "diffusion_unet": ["ddpm-100", "ddim-10", "dpmpp-8", "dpmpp-5"],
@@ -213,23 +212,12 @@ def _normalised_actions(runner, obs, noise) -> np.ndarray:
 def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup: int, obs_list, bandwidth_gbs: float,
                  episodes: int, batch: int, reference: dict | None, progress: bool) -> dict[str, Any]:
     """Measure one configuration; returns DESIGN.md's per-configuration keys."""
-    import torch
-
     from rtdp.policies.inference import Runner
-    from rtdp.workflows.eval import evaluate_checkpoint_policy
+    from rtdp.workflows.eval import evaluate_checkpoint_policy, time_runner
 
     runner = Runner(policy, cfg.sampler, cfg.steps, seed=0, **cfg.options)
-    obs = obs_list[0]
-    times, nfes = [], []
-    with torch.no_grad():
-        for i in range(warmup + calls):
-            t0 = time.perf_counter()
-            runner.predict(obs)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-                nfes.append(runner.last_nfe)
-    p50, p99 = percentiles_ms(times)
-    nfe = int(np.median(nfes))
+    timing = time_runner(runner, obs_list[0], calls=calls, warmup=warmup)
+    p50, p99, nfe = timing["latency_ms_p50"], timing["latency_ms_p99"], timing["nfe_per_chunk"]
     weight_bytes = sum(p.numel() * p.element_size() for p in policy.model.parameters())
     row: dict[str, Any] = {
         "name": cfg.name,

@@ -78,8 +78,6 @@ def evaluate_checkpoint_policy(
 def measure_latency(policy, task: TaskSpec, *, sampler: str | None, steps: int | None, calls: int = 50,
                     warmup: int = 5, **options: Any) -> dict[str, Any]:
     """Wall time of one inference call at batch 1 on a real observation (after ``warmup`` calls)."""
-    import torch
-
     from rtdp.envs import make
     from rtdp.policies.inference import Runner
 
@@ -90,12 +88,18 @@ def measure_latency(policy, task: TaskSpec, *, sampler: str | None, steps: int |
         env.close()
     keys = _obs_keys(policy)
     batch = {k: np.stack([obs[k]] * policy.config.n_obs_steps)[None] for k in keys}
-    runner = Runner(policy, sampler, steps, seed=0, **options)
+    return time_runner(Runner(policy, sampler, steps, seed=0, **options), batch, calls=calls, warmup=warmup)
+
+
+def time_runner(runner, obs: dict[str, np.ndarray], *, calls: int = 50, warmup: int = 5) -> dict[str, Any]:
+    """Median/p99 wall time of ``runner.predict(obs)`` over ``calls`` calls after ``warmup``, with NFE per call."""
+    import torch
+
     times, nfes = [], []
     with torch.no_grad():
         for i in range(warmup + calls):
             t0 = time.perf_counter()
-            runner.predict(batch)
+            runner.predict(obs)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
                 nfes.append(runner.last_nfe)
