@@ -190,6 +190,7 @@ def train(cfg) -> dict[str, Any]:
 
     from rtdp.data.dataset import SequenceDataset, compute_stats, load_arrays
     from rtdp.data.replay_buffer import ReplayBuffer
+    from rtdp.policies.inference import Runner
     from rtdp.workflows.eval import evaluate_checkpoint_policy
 
     torch.set_num_threads(int(cfg.threads))
@@ -256,10 +257,10 @@ def train(cfg) -> dict[str, Any]:
 
     def evaluate() -> None:
         seeds = list(task.eval_seeds)[: int(cfg.eval_episodes)]
-        steps = None if cfg.eval_steps is None else int(cfg.eval_steps)
-        res = evaluate_checkpoint_policy(ema, task, seeds, sampler=cfg.eval_sampler, steps=steps, progress=False)
+        runner = Runner(ema, cfg.eval_sampler, None if cfg.eval_steps is None else int(cfg.eval_steps))
+        res = evaluate_checkpoint_policy(ema, task, seeds, sampler=runner.name, steps=runner.steps, progress=False)
         log.append({"step": step, "time_s": round(train_time, 1), "eval_score": res.mean_score, "eval_success": res.success_rate})
-        bar.write(f"step {step}: eval ({len(seeds)} episodes, {cfg.eval_sampler or ema.config.sampler}-{steps or ema.config.num_inference_steps}) "
+        bar.write(f"step {step}: eval ({len(seeds)} episodes, {runner.name}-{runner.steps}) "
                   f"score {res.mean_score:.3f}, success {res.success_rate:.0%}")
 
     try:
