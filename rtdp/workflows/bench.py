@@ -412,6 +412,7 @@ def run(cfg) -> dict[str, Any]:
         warmup=int(cfg.warmup),
         threads=cfg.threads,
         batch=int(cfg.batch),
+        mse_observations=int(cfg.mse_observations),
     )
     print_bench(report)
     if cfg.json:
