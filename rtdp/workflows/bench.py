@@ -244,9 +244,13 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
         row["action_mse"] = float(np.mean(diffs))
     if episodes > 0:
         seeds = list(task.eval_seeds)[:episodes]
+        nfe_log: list[int] = []
         res = evaluate_checkpoint_policy(policy, task, seeds, sampler=cfg.sampler, steps=cfg.steps, batch=batch,
-                                         progress=progress, **cfg.options)
+                                         progress=progress, nfe_log=nfe_log, **cfg.options)
         row.update({
+            # Batched over the running episodes; differs from nfe_per_chunk where NFE depends on the
+            # observation (guidance skipping) or on the episode's start (streaming's first call).
+            "nfe_per_chunk_rollout_mean": float(np.mean(nfe_log)) if nfe_log else None,
             "episodes": len(res.episodes),
             "success_rate": res.success_rate,
             "success_ci95": list(wilson_interval(res.n_success, len(res.episodes))),

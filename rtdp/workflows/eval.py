@@ -54,15 +54,22 @@ def evaluate_checkpoint_policy(
     record_first: bool = False,
     progress: bool = True,
     seed: int = 0,
+    nfe_log: list[int] | None = None,
     **options: Any,
 ) -> RolloutResult:
-    """Roll a policy out on ``seeds`` with one inference setting (see ``rtdp.policies.inference``)."""
+    """Roll a policy out on ``seeds`` with one inference setting (see ``rtdp.policies.inference``).
+
+    ``nfe_log``, when given, receives the network evaluations of every (batched) call.
+    """
     from rtdp.policies.inference import Runner
 
     runner = Runner(policy, sampler, steps, seed=seed, **options)
 
     def predict(obs: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
-        return runner.predict(obs, rows).detach().cpu().numpy()
+        out = runner.predict(obs, rows).detach().cpu().numpy()
+        if nfe_log is not None:
+            nfe_log.append(runner.last_nfe)
+        return out
 
     was_training = policy.training
     policy.eval()
