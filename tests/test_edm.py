@@ -153,8 +153,19 @@ def test_classifier_free_guidance_and_skipping():
     policy.predict_action_chunk(obs, noise=noise, guidance_scale=2.0, guidance_skip_cos=-1.0)
     assert len(calls) == 2 + 1 + 1 and policy.last_guidance.skipped
     # GuidedDenoiser arithmetic on a known pair of predictions.
-    g = GuidedDenoiser(lambda x, s, c: x * 0 + c, torch.tensor(3.0), torch.tensor(1.0), 1.5)
+    def const(x, sigma, c):
+        return x * 0 + c.reshape(-1, 1, 1)
+
+    g = GuidedDenoiser(const, torch.tensor([3.0]), torch.tensor([1.0]), 1.5)
     torch.testing.assert_close(g(torch.zeros(1, 2, 1), torch.ones(1)), torch.full((1, 2, 1), 1.0 + 1.5 * 2.0))
+    # Per-sample skipping: sample 0's predictions agree (cos 1) and stop being guided, sample 1's do not.
+    calls = []
+    g = GuidedDenoiser(lambda x, s, c: calls.append(x.shape[0]) or const(x, s, c), torch.tensor([1.0, 1.0]),
+                       torch.tensor([1.0, -1.0]), 2.0, skip_cos=0.5)
+    for _ in range(3):
+        out = g(torch.zeros(2, 2, 1), torch.ones(2))
+    assert calls == [2, 2, 2, 1, 2, 1] and g.sample_nfe.tolist() == [4, 6] and not g.skipped
+    torch.testing.assert_close(out[:, 0, 0], torch.tensor([1.0, -1.0 + 2.0 * 2.0]))
     with pytest.raises(ConfigError, match="guidance_scale needs a goal-conditioned policy"):
         _policy().predict_action_chunk(obs, guidance_scale=0.0)
 

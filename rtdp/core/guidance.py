@@ -30,8 +30,9 @@ class GuidedDenoiser:
         cond: conditioning with the goal.
         uncond: the same conditioning with the goal dropped.
         scale: guidance scale (0: unconditional, 1: conditional).
-        skip_cos: stop the unconditional pass once cos(x0_c, x0_u) exceeds
-            this for every sample (None: never skip). The cosine is taken
+        skip_cos: stop a sample's unconditional pass once cos(x0_c, x0_u)
+            exceeds this for that sample (None: never skip); in a batch the
+            unconditional pass runs only on the samples still guided. The cosine is taken
             between the clean-sample predictions, not the noise predictions:
             at high noise both noise predictions are close to x / sigma and
             agree whatever the goal, while the clean predictions differ until
@@ -48,22 +49,50 @@ class GuidedDenoiser:
         self.uncond = uncond
         self.scale = float(scale)
         self.skip_cos = None if skip_cos is None else float(skip_cos)
-        self.skipped = False
         self.guided_calls = 0
         self.cosines: list[float] = []
+        # Per sample: still guided, and network evaluations spent (set on the first call).
+        self.active: torch.Tensor | None = None
+        self.sample_nfe: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """``x0_hat`` with guidance; the ``cond`` argument is ignored (set at construction)."""
-        if self.scale == 1.0 or self.skipped:
-            return self.denoiser(x, sigma, self.cond)
+        batch = x.shape[0]
+        if self.active is None:
+            self.active = torch.ones(batch, dtype=torch.bool, device=x.device)
+            self.sample_nfe = torch.zeros(batch, dtype=torch.long, device=x.device)
         if self.scale == 0.0:
+            self.sample_nfe += 1
             return self.denoiser(x, sigma, self.uncond)
         x0_c = self.denoiser(x, sigma, self.cond)
-        x0_u = self.denoiser(x, sigma, self.uncond)
+        self.sample_nfe += 1
+        rows = torch.nonzero(self.active).flatten()
+        if self.scale == 1.0 or rows.numel() == 0:
+            return x0_c
+        # The unconditional pass runs only for the samples still guided.
+        x0_u = self.denoiser(x[rows], sigma[rows], _take(self.uncond, rows))
+        self.sample_nfe[rows] += 1
         self.guided_calls += 1
+        x0 = x0_c.clone()
+        x0[rows] = x0_u + self.scale * (x0_c[rows] - x0_u)
         if self.skip_cos is not None:
-            cos = torch.nn.functional.cosine_similarity(x0_c.flatten(1), x0_u.flatten(1), dim=1, eps=1e-12)
+            cos = torch.nn.functional.cosine_similarity(x0_c[rows].flatten(1), x0_u.flatten(1), dim=1, eps=1e-12)
             self.cosines.append(float(cos.min()))
-            if bool((cos > self.skip_cos).all()):
-                self.skipped = True
-        return x0_u + self.scale * (x0_c - x0_u)
+            self.active[rows[cos > self.skip_cos]] = False
+        return x0
+
+    @property
+    def skipped(self) -> bool:
+        """Whether guidance stopped for every sample."""
+        return self.active is not None and not bool(self.active.any())
+
+
+def _take(cond: Any, rows: torch.Tensor) -> Any:
+    """Rows of a conditioning tensor (or of every tensor in a tuple/list/dict)."""
+    if isinstance(cond, torch.Tensor):
+        return cond[rows]
+    if isinstance(cond, (tuple, list)):
+        return type(cond)(_take(c, rows) for c in cond)
+    if isinstance(cond, dict):
+        return {k: _take(v, rows) for k, v in cond.items()}
+    return cond

@@ -183,5 +183,6 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
             x0 = den(x, sigma.expand(b), cond)
         x0 = x0.clamp(-1, 1) if cfg.clip_sample else x0
         self.last_nfe = base.nfe
+        self.last_sample_nfe = float(base.nfe)
         start = cfg.n_obs_steps - 1
         return self.normalizer.unnormalize("action", x0[:, start : start + cfg.n_action_steps])

@@ -363,6 +363,7 @@ class DiffusionUnetPolicy(nn.Module):
             "alphas_cumprod", make_alphas_cumprod(config.num_train_timesteps, config.beta_schedule), persistent=False
         )
         self.last_nfe = 0
+        self.last_sample_nfe = 0.0
         self._sigma_cache: dict[tuple[str, int, torch.device], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ setup
@@ -584,6 +585,7 @@ class DiffusionUnetPolicy(nn.Module):
         den.reset_nfe()
         x = sample_fn(den, vp_noise_to_start(noise, float(sigmas[0])), sigmas, cond=cond, generator=generator)
         self.last_nfe = den.nfe
+        self.last_sample_nfe = float(den.nfe)
         start = cfg.n_obs_steps - 1
         return self.normalizer.unnormalize("action", x[:, start : start + cfg.n_action_steps])
 

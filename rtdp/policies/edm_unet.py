@@ -351,6 +351,8 @@ class EdmUnetPolicy(DiffusionUnetPolicy):
         x = sample_fn(den, x, sigmas, cond=cond, generator=generator)
         self.last_nfe = base.nfe
         self.last_guidance = guided
+        # Evaluations per sample (differs from network calls when guidance skipping stops some samples early).
+        self.last_sample_nfe = float(guided.sample_nfe.float().mean()) if guided is not None else float(base.nfe)
         start = cfg.n_obs_steps - 1
         return self.normalizer.unnormalize("action", x[:, start : start + cfg.n_action_steps])
 

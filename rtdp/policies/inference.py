@@ -99,6 +99,11 @@ class Runner:
         """Network evaluations of the last call."""
         return self.stream.last_nfe if self.stream is not None else self.policy.last_nfe
 
+    @property
+    def last_sample_nfe(self) -> float:
+        """Network evaluations per sample of the last call (mean over the batch)."""
+        return float(self.stream.last_nfe) if self.stream is not None else float(self.policy.last_sample_nfe)
+
     def reset(self) -> None:
         """Start new episodes (clears streaming buffers)."""
         if self.stream is not None:

@@ -248,8 +248,8 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
         res = evaluate_checkpoint_policy(policy, task, seeds, sampler=cfg.sampler, steps=cfg.steps, batch=batch,
                                          progress=progress, nfe_log=nfe_log, **cfg.options)
         row.update({
-            # Batched over the running episodes; differs from nfe_per_chunk where NFE depends on the
-            # observation (guidance skipping) or on the episode's start (streaming's first call).
+            # Per episode and chunk; differs from nfe_per_chunk where NFE depends on the observation
+            # (guidance skipping) or on the episode's start (streaming's first call builds the ladder).
             "nfe_per_chunk_rollout_mean": float(np.mean(nfe_log)) if nfe_log else None,
             "episodes": len(res.episodes),
             "success_rate": res.success_rate,

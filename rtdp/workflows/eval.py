@@ -59,7 +59,7 @@ def evaluate_checkpoint_policy(
 ) -> RolloutResult:
     """Roll a policy out on ``seeds`` with one inference setting (see ``rtdp.policies.inference``).
 
-    ``nfe_log``, when given, receives the network evaluations of every (batched) call.
+    ``nfe_log``, when given, receives the network evaluations per sample of every (batched) call.
     """
     from rtdp.policies.inference import Runner
 
@@ -68,7 +68,7 @@ def evaluate_checkpoint_policy(
     def predict(obs: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
         out = runner.predict(obs, rows).detach().cpu().numpy()
         if nfe_log is not None:
-            nfe_log.append(runner.last_nfe)
+            nfe_log.append(runner.last_sample_nfe)
         return out
 
     was_training = policy.training
