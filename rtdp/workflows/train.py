@@ -93,7 +93,8 @@ def build_policy(task: TaskSpec, policy_cfg, arrays: dict[str, np.ndarray], stat
         if type(teacher) is not EdmUnetPolicy:
             raise ConfigError(f"policy.teacher must be an EDM checkpoint (policy=edm), got {type(teacher).__name__}")
         data = {**teacher.config.to_dict(), "ladder_prob": 0.0, "num_inference_steps": 1,
-                "cd_scales": int(policy_cfg.cd_scales), "cd_sigma_min": float(policy_cfg.cd_sigma_min)}
+                "cd_scales": int(policy_cfg.cd_scales), "cd_sigma_min": float(policy_cfg.cd_sigma_min),
+                "cd_target_ema": float(policy_cfg.cd_target_ema)}
         student = ConsistencyUnetPolicy(ConsistencyUnetConfig.from_dict(data))
         student.load_state_dict(teacher.state_dict())
         student.set_teacher(teacher)
