@@ -26,9 +26,8 @@ def test_bench_fresh_small_policies(tmp_path, capsys):
         assert r["floor_ms_per_nfe"] > 0
     assert [rows[n]["nfe_per_chunk"] for n in rows] == [4, 2, 2, 1, 1]
     assert rows["stream-1"]["n_action_steps"] == 5 and rows["ddim-2"]["n_action_steps"] == 8
-    # Fidelity is measured against ddpm-100 of the same network; a consistency network has no ddpm-100.
-    assert rows["ddim-2"]["action_mse"] >= 0 and rows["edm-2"]["action_mse"] >= 0
-    assert rows["cm-1"]["action_mse"] is None
+    # Freshly initialised networks are for timing only: no fidelity figure.
+    assert all(r["action_mse"] is None for r in rows.values())
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "ddim-2" in capsys.readouterr().out
 
