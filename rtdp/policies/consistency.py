@@ -152,7 +152,7 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
         grid = self._grid().to(x0.dtype)
         n = torch.randint(0, cfg.cd_scales - 1, (bsz,), generator=generator, device=gdev).to(self.device)
         s_hi, s_lo = grid[n + 1], grid[n]
-        z = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(self.device)
+        z = self._randn(x0.shape, generator, x0.dtype)
         x_hi = x0 + s_hi[:, None, None] * z
         with torch.no_grad():
             # One Heun step of the teacher's probability-flow ODE from s_hi to s_lo.
@@ -204,8 +204,7 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
         x = self.initial_noise(b, generator, noise) * levels[0]
         x0 = den(x, levels[0].expand(b), cond)
         for sigma in levels[1:]:
-            gen_device = generator.device if generator is not None else self.device
-            z = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(self.device)
+            z = self._randn(x0.shape, generator, x0.dtype)
             x = x0 + (sigma**2 - cfg.cd_sigma_min**2).clamp_min(0).sqrt() * z
             x0 = den(x, sigma.expand(b), cond)
         x0 = x0.clamp(-1, 1) if cfg.clip_sample else x0

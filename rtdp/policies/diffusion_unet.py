@@ -494,6 +494,24 @@ class DiffusionUnetPolicy(nn.Module):
 
     # ----------------------------------------------------------------- public
 
+    def _randn(self, shape: tuple[int, ...], generator: torch.Generator | None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Standard normal on the policy's device, drawn on the generator's device (same numbers on CPU and GPU)."""
+        gen_device = generator.device if generator is not None else self.device
+        dtype = self.alphas_cumprod.dtype if dtype is None else dtype
+        return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(self.device)
+
+    def initial_noise(self, batch: int, generator: torch.Generator | None, noise: torch.Tensor | None) -> torch.Tensor:
+        """Standard-normal (B, T, Da) starting noise: drawn from ``generator``, or ``noise`` checked and moved."""
+        cfg = self.config
+        shape = (batch, cfg.horizon, cfg.action_dim)
+        if noise is None:
+            return self._randn(shape, generator)
+        noise = torch.as_tensor(noise).to(device=self.device, dtype=self.alphas_cumprod.dtype)
+        if tuple(noise.shape) != shape:
+            raise ConfigError(f"noise must have shape {shape} = (B, horizon, action_dim), got {tuple(noise.shape)}")
+        return noise
+
     def _check_batch(self, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Validated training observations and the normalised action (B, T, Da)."""
         cfg = self.config
@@ -530,8 +548,8 @@ class DiffusionUnetPolicy(nn.Module):
         obs, x0 = self._check_batch(batch)
         bsz = x0.shape[0]
         cond = self._encode(obs, random_crop=self.training, generator=generator)
+        noise = self._randn(x0.shape, generator, x0.dtype)
         gen_device = generator.device if generator is not None else self.device
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(self.device)
         t = torch.randint(0, cfg.num_train_timesteps, (bsz,), generator=generator, device=gen_device).to(self.device)
         ac = self.alphas_cumprod[t].reshape(-1, 1, 1)
         x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
@@ -573,14 +591,7 @@ class DiffusionUnetPolicy(nn.Module):
         steps = self._check_steps(cfg.num_inference_steps if steps is None else steps)
         sigmas = self._sigmas(name, steps)
         cond = self._encode(self._check_obs(obs, exact_steps=True), random_crop=False)
-        shape = (cond.shape[0], cfg.horizon, cfg.action_dim)
-        dtype = self.alphas_cumprod.dtype
-        if noise is None:
-            gen_device = generator.device if generator is not None else self.device
-            noise = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
-        noise = torch.as_tensor(noise).to(device=self.device, dtype=dtype)
-        if tuple(noise.shape) != shape:
-            raise ConfigError(f"noise must have shape {shape} = (B, horizon, action_dim), got {tuple(noise.shape)}")
+        noise = self.initial_noise(cond.shape[0], generator, noise)
         den = self._denoiser(name)
         den.reset_nfe()
         x = sample_fn(den, vp_noise_to_start(noise, float(sigmas[0])), sigmas, cond=cond, generator=generator)

@@ -186,7 +186,10 @@ class EdmUnetPolicy(DiffusionUnetPolicy):
 
     def _encode_steps(self, obs, random_crop, generator=None, keep_goal: torch.Tensor | None = None):
         """Per-step features; with goal keys, the goal columns times ``keep_goal`` (B,) and a presence flag."""
-        feats = super()._encode_steps(obs, random_crop, generator)
+        return self._with_goal(super()._encode_steps(obs, random_crop, generator), keep_goal)
+
+    def _with_goal(self, feats: torch.Tensor, keep_goal: torch.Tensor | None) -> torch.Tensor:
+        """Observation features (B, To, F) with the goal columns scaled by ``keep_goal`` (0/1, default 1) and the flag."""
         if not self.config.goal_keys:
             return feats
         b, to = feats.shape[:2]
@@ -273,12 +276,11 @@ class EdmUnetPolicy(DiffusionUnetPolicy):
         cfg = self.config
         obs, x0 = self._check_batch(batch)
         bsz = x0.shape[0]
-        gdev = generator.device if generator is not None else self.device
         cond, _ = self._training_cond(obs, bsz, generator)
         sigma = self._training_sigmas(bsz, generator)
         if cfg.ladder_prob == 0.0:
             sigma = sigma[:, 0]  # one level per trajectory: the cheaper (B,) path of the network
-        noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(self.device)
+        noise = self._randn(x0.shape, generator, x0.dtype)
         x = x0 + noise * (sigma[:, :, None] if sigma.ndim == 2 else sigma[:, None, None])
         den = self._denoiser()
         return F.mse_loss(den.network(x, sigma, cond), den.training_target(x0, x, sigma))
@@ -288,9 +290,10 @@ class EdmUnetPolicy(DiffusionUnetPolicy):
         checked = self._check_obs(obs, exact_steps=True)
         if not self.config.goal_keys:
             return self._encode(checked, random_crop=False), None
-        b = next(iter(checked.values())).shape[0]
-        cond = self._encode(checked, random_crop=False)
-        uncond = self._encode(checked, random_crop=False, keep_goal=torch.zeros(b, device=self.device))
+        # The encoders (e.g. ResNets) run once; dropping the goal only touches its columns and the flag.
+        feats = DiffusionUnetPolicy._encode_steps(self, checked, random_crop=False)
+        cond = self._with_goal(feats, None).flatten(1)
+        uncond = self._with_goal(feats, feats.new_zeros(feats.shape[0])).flatten(1)
         return cond, uncond
 
     def guided_denoiser(self, cond, uncond, guidance_scale: float | None = None,
@@ -355,17 +358,4 @@ class EdmUnetPolicy(DiffusionUnetPolicy):
         self.last_sample_nfe = float(guided.sample_nfe.float().mean()) if guided is not None else float(base.nfe)
         start = cfg.n_obs_steps - 1
         return self.normalizer.unnormalize("action", x[:, start : start + cfg.n_action_steps])
-
-    def initial_noise(self, batch: int, generator: torch.Generator | None, noise: torch.Tensor | None):
-        """Standard-normal (B, T, Da) noise, drawn or checked."""
-        cfg = self.config
-        shape = (batch, cfg.horizon, cfg.action_dim)
-        dtype = self.alphas_cumprod.dtype
-        if noise is None:
-            gen_device = generator.device if generator is not None else self.device
-            noise = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
-        noise = torch.as_tensor(noise).to(device=self.device, dtype=dtype)
-        if tuple(noise.shape) != shape:
-            raise ConfigError(f"noise must have shape {shape} = (B, horizon, action_dim), got {tuple(noise.shape)}")
-        return noise
 

@@ -277,9 +277,7 @@ class StreamingPolicy:
                 f"streaming buffer holds {state.buffer.shape[0]} episodes but the observation has batch {b}; "
                 "pass rows= or reset() the policy"
             )
-        gen_device = generator.device if generator is not None else pol.device
-        fresh = torch.randn((b, cfg.horizon, cfg.action_dim), generator=generator, device=gen_device,
-                            dtype=state.buffer.dtype).to(pol.device)
+        fresh = pol._randn((b, cfg.horizon, cfg.action_dim), generator, state.buffer.dtype)
         base = pol._denoiser()
         base.reset_nfe()
         actions, new_state = stream_step(den, state, self.ladder, cond, fresh)
