@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from rtdp.cli import main
 
 DESIGN_KEYS = {"name", "sampler", "steps", "nfe_per_chunk", "latency_ms_p50", "latency_ms_p99", "ms_per_action",
@@ -41,3 +43,39 @@ def test_bench_bad_input_is_a_typed_error(capsys):
     assert "steps must be an int in 1..100" in capsys.readouterr().err
     assert main(["bench"]) == 2
     assert "needs checkpoint=" in capsys.readouterr().err
+
+
+def test_parse_config_packed_network_options():
+    from rtdp.errors import ConfigError
+    from rtdp.workflows.bench import parse_config
+
+    assert parse_config("edm-3+int8").options == {"precision": "int8"}
+    assert parse_config("ddpm-100+fast").options == {"precision": "fp32"}
+    assert parse_config("cm-1+int8dyn").options == {"precision": "int8dyn"}
+    assert parse_config("edm-3+g1.5+bf16").options == {"guidance_scale": 1.5, "precision": "bf16"}
+    with pytest.raises(ConfigError, match="at most one"):
+        parse_config("edm-3+int8+fast")
+    with pytest.raises(ConfigError, match="unknown option"):
+        parse_config("edm-3+int4")
+
+
+def test_bench_packed_network_on_the_shipped_checkpoint(tmp_path):
+    from rtdp.core import bf16_supported
+
+    packed = "int8" if bf16_supported() else "int8dyn"
+    out = tmp_path / "bench.json"
+    code = main(["bench", "checkpoint=rtdp/assets/checkpoints/pusht/checkpoint",
+                 f"configs=[ddim-2,ddim-2+fast,ddim-2+{packed}]", "calls=2", "warmup=1", "mse_observations=2",
+                 "threads=1", f"json={out}"])
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["configs"]}
+    plain, fast, low = rows["ddim-2"], rows["ddim-2+fast"], rows[f"ddim-2+{packed}"]
+    assert plain["precision"] is None and fast["precision"] == "fp32"
+    assert "action_mse_vs_plain" not in plain
+    # fp32 packed: same actions up to float rounding; int8: small but nonzero difference
+    assert fast["action_mse_vs_plain"] < 1e-10
+    assert 0 < low["action_mse_vs_plain"] < 1e-3
+    # the memory floor follows the bytes the packed weights occupy
+    assert fast["floor_ms_per_nfe"] == pytest.approx(plain["floor_ms_per_nfe"], rel=0.01)
+    assert low["floor_ms_per_nfe"] < 0.4 * plain["floor_ms_per_nfe"]
+

@@ -1,6 +1,7 @@
 """The acceleration core: schedules, denoiser wrappers and samplers (torch only)."""
 
 from rtdp.core.denoiser import PREDICTION_TYPES, DiscreteEpsDenoiser
+from rtdp.core.fastnet import PRECISIONS, bf16_supported, fast_network, weight_bytes
 from rtdp.core.samplers import (
     SAMPLERS,
     SIGMA_SCHEDULES,
@@ -38,6 +39,10 @@ from rtdp.core.schedules import (
 )
 
 __all__ = [
+    "PRECISIONS",
+    "bf16_supported",
+    "fast_network",
+    "weight_bytes",
     "BETA_SCHEDULES",
     "PREDICTION_TYPES",
     "SAMPLERS",

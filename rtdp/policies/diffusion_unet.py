@@ -13,6 +13,7 @@ plus a ``config.json`` with a ``schema_version``; nothing is pickled.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtdp.core import (
+    fast_network,
     BETA_SCHEDULES,
     SAMPLERS,
     DiscreteEpsDenoiser,
@@ -387,6 +389,36 @@ class DiffusionUnetPolicy(nn.Module):
     def device(self) -> torch.device:
         """Device of the policy's tensors."""
         return self.alphas_cumprod.device
+
+    def with_network(self, precision: str | None) -> "DiffusionUnetPolicy":
+        """This policy with its U-Net in a packed inference form (``rtdp.core.fast_network``).
+
+        Args:
+            precision: None (this policy itself, the plain network), ``"fp32"``
+                (same outputs to ~1e-6), ``"bf16"``, ``"int8"`` or ``"int8dyn"``.
+
+        Returns:
+            an inference-only view sharing everything but the U-Net with this
+            policy. Views are cached per precision and rebuilt when the weights
+            change in place (training) or are replaced.
+
+        Raises:
+            ConfigError: unknown precision or one this CPU cannot run.
+        """
+        if precision is None:
+            return self
+        version = tuple((id(p), p._version) for p in self.model.parameters())
+        views = self.__dict__.setdefault("_fast_views", {})
+        hit = views.get(precision)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        view = copy.copy(self)  # new __dict__, shared tensors
+        view._modules = dict(self._modules)
+        view._modules["model"] = fast_network(self.model, precision, rows_hint=self.config.horizon)
+        for cached in ("_dens", "_den", "_fast_views"):  # denoisers wrap the plain network
+            view.__dict__.pop(cached, None)
+        views[precision] = (version, view)
+        return view
 
     # -------------------------------------------------------------- internals
 

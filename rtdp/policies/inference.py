@@ -41,6 +41,8 @@ class Runner:
         sampler: a core sampler name or one of ``POLICY_SAMPLERS``; None: the policy's default.
         steps: sampler steps, evaluations per observation (stream), or chained steps (cm).
         seed: seed of the sampling noise.
+        precision: None for the plain network, or a packed inference form of the
+            U-Net (``"fp32"``, ``"bf16"``, ``"int8"``, ``"int8dyn"``; see ``rtdp.core.fastnet``).
         options: extra keyword arguments of ``predict_action_chunk`` (e.g. ``guidance_scale``).
 
     Raises:
@@ -49,7 +51,7 @@ class Runner:
     """
 
     def __init__(self, policy, sampler: str | None = None, steps: int | None = None, *, seed: int = 0,
-                 **options: Any) -> None:
+                 precision: str | None = None, **options: Any) -> None:
         from rtdp.policies.consistency import ConsistencyUnetPolicy
         from rtdp.policies.edm_unet import EdmUnetPolicy
         from rtdp.policies.streaming import StreamingPolicy
@@ -80,6 +82,8 @@ class Runner:
                 f"this {type(policy).__name__} has no goal"
             )
         self.name = name
+        self.precision = precision
+        policy = self.policy = policy.with_network(precision)
         self.steps = policy.config.num_inference_steps if steps is None else steps
         self.stream = None
         if name == "stream":

@@ -42,7 +42,9 @@ DEFAULT_CONFIGS = {
     "edm_unet": ["edm-3", "stream-1", "stream-2"],
     "consistency_unet": ["cm-1", "cm-2"],
 }
-_NAME = re.compile(r"^(?P<sampler>[a-z_]+)-(?P<steps>\d+)(?P<opts>(\+[a-z]+[0-9.]*)*)$")
+_NAME = re.compile(r"^(?P<sampler>[a-z_]+)-(?P<steps>\d+)(?P<opts>(\+[a-z0-9.]+)*)$")
+# Packed inference forms of the network (rtdp.core.fastnet), by option name.
+PRECISION_OPTIONS = {"fast": "fp32", "bf16": "bf16", "int8": "int8", "int8dyn": "int8dyn"}
 
 
 @dataclass
@@ -59,7 +61,8 @@ def parse_config(name: str) -> BenchConfig:
     """Parse ``<sampler>-<steps>[+option...]``.
 
     Options: ``+g<scale>`` (classifier-free guidance scale), ``+skip<cos>``
-    (guidance skipping threshold).
+    (guidance skipping threshold), ``+fast`` / ``+bf16`` / ``+int8`` / ``+int8dyn``
+    (the network's packed fp32, bf16, weight-only int8 or dynamic int8 form).
 
     Raises:
         ConfigError: a malformed name, steps <= 0 or an unknown option.
@@ -75,14 +78,19 @@ def parse_config(name: str) -> BenchConfig:
         raise ConfigError(f"configuration {name!r}: steps must be >= 1")
     options: dict[str, Any] = {}
     for opt in filter(None, m["opts"].split("+")):
-        key = re.match(r"[a-z]+", opt).group(0)
+        key = re.match(r"[a-z]*", opt).group(0)
         value = opt[len(key):]
-        if key == "g" and value:
+        if opt in PRECISION_OPTIONS:
+            if "precision" in options:
+                raise ConfigError(f"configuration {name!r}: give at most one of +{', +'.join(PRECISION_OPTIONS)}")
+            options["precision"] = PRECISION_OPTIONS[opt]
+        elif key == "g" and value:
             options["guidance_scale"] = float(value)
         elif key == "skip" and value:
             options["guidance_skip_cos"] = float(value)
         else:
-            raise ConfigError(f"configuration {name!r}: unknown option +{opt}; known: +g<scale>, +skip<cos>")
+            raise ConfigError(f"configuration {name!r}: unknown option +{opt}; known: +g<scale>, +skip<cos>, "
+                              f"+{', +'.join(PRECISION_OPTIONS)}")
     return BenchConfig(str(name), m["sampler"], steps, options)
 
 
@@ -210,19 +218,28 @@ def _normalised_actions(runner, obs, noise) -> np.ndarray:
 
 
 def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup: int, obs_list, bandwidth_gbs: float,
-                 episodes: int, batch: int, reference: dict | None, progress: bool) -> dict[str, Any]:
-    """Measure one configuration; returns DESIGN.md's per-configuration keys."""
+                 episodes: int, batch: int, reference: dict | None, progress: bool,
+                 fidelity: bool = True) -> dict[str, Any]:
+    """Measure one configuration; returns DESIGN.md's per-configuration keys.
+
+    With a packed network (``precision``) and ``fidelity``, also
+    ``action_mse_vs_plain``: its actions against the plain network's for the same
+    configuration, noise and observations (normalised units).
+    """
     from rtdp.policies.inference import Runner
     from rtdp.workflows.eval import evaluate_checkpoint_policy, time_runner
 
     runner = Runner(policy, cfg.sampler, cfg.steps, seed=0, **cfg.options)
     timing = time_runner(runner, obs_list[0], calls=calls, warmup=warmup)
     p50, p99, nfe = timing["latency_ms_p50"], timing["latency_ms_p99"], timing["nfe_per_chunk"]
-    weight_bytes = sum(p.numel() * p.element_size() for p in policy.model.parameters())
+    from rtdp.core import weight_bytes as network_bytes
+
+    weight_bytes = network_bytes(runner.policy.model)
     row: dict[str, Any] = {
         "name": cfg.name,
         "sampler": cfg.sampler,
         "steps": cfg.steps,
+        "precision": cfg.options.get("precision"),
         "checkpoint": getattr(policy, "_bench_source", None),
         "policy_type": policy.policy_type,
         "nfe_per_chunk": nfe,
@@ -242,6 +259,18 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
             k = min(act.shape[1], ref.shape[1])
             diffs.append(float(np.mean((act[:, :k] - ref[:, :k]) ** 2)))
         row["action_mse"] = float(np.mean(diffs))
+    if cfg.options.get("precision") is not None and fidelity:
+        # The packed network against the plain one, same configuration, noise and observations.
+        import torch
+
+        plain = Runner(policy, cfg.sampler, cfg.steps, seed=0,
+                       **{k: v for k, v in cfg.options.items() if k != "precision"})
+        gen = torch.Generator().manual_seed(4321)
+        diffs = []
+        for o in obs_list:
+            noise = torch.randn((1, policy.config.horizon, policy.config.action_dim), generator=gen)
+            diffs.append(float(np.mean((_normalised_actions(runner, o, noise) - _normalised_actions(plain, o, noise)) ** 2)))
+        row["action_mse_vs_plain"] = float(np.mean(diffs))
     if episodes > 0:
         seeds = list(task.eval_seeds)[:episodes]
         nfe_log: list[int] = []
@@ -334,7 +363,7 @@ def bench(
     for c, p in tqdm(plan, desc="bench", disable=not progress, dynamic_ncols=True):
         rows.append(bench_config(c, p, task, calls=calls, warmup=warmup, obs_list=obs_list, bandwidth_gbs=bandwidth,
                                  episodes=int(episodes), batch=batch, reference=references.get(id(p)),
-                                 progress=progress))
+                                 progress=progress, fidelity=size is None))
     base = next((r for r in rows if r["name"] == "ddpm-100"), None)
     for r in rows:
         r["speedup_per_action_vs_ddpm100"] = (base["ms_per_action"] / r["ms_per_action"]) if base else None
@@ -388,17 +417,18 @@ def print_bench(report: dict[str, Any]) -> None:
     print(f"rtdp bench: {report['task']}  size {report['size']}  {report['device']}  threads {report['threads']}  "
           f"memory bandwidth {report['memory_bandwidth_gbs']:.1f} GB/s")
     header = (f"{'config':<18}{'NFE':>5}{'p50 ms':>10}{'p99 ms':>10}{'ms/act':>9}{'ms/NFE':>9}{'floor':>8}"
-              f"{'mse':>10}{'x ddpm100':>11}{'success':>22}")
+              f"{'mse':>10}{'mse/plain':>10}{'x ddpm100':>11}{'success':>22}")
     print(header)
     for r in report["configs"]:
         mse = "-" if r["action_mse"] is None else f"{r['action_mse']:.2e}"
+        mse_plain = f"{r['action_mse_vs_plain']:.2e}" if r.get("action_mse_vs_plain") is not None else "-"
         sp = "-" if r["speedup_per_action_vs_ddpm100"] is None else f"{r['speedup_per_action_vs_ddpm100']:.1f}"
         succ = "-"
         if "success_rate" in r:
             lo, hi = r["success_ci95"]
             succ = f"{r['success_rate']:.0%} ({lo:.0%}-{hi:.0%}) n={r['episodes']}"
         print(f"{r['name']:<18}{r['nfe_per_chunk']:>5}{r['latency_ms_p50']:>10.1f}{r['latency_ms_p99']:>10.1f}"
-              f"{r['ms_per_action']:>9.2f}{r['ms_per_nfe']:>9.2f}{r['floor_ms_per_nfe']:>8.2f}{mse:>10}{sp:>11}"
+              f"{r['ms_per_action']:>9.2f}{r['ms_per_nfe']:>9.2f}{r['floor_ms_per_nfe']:>8.2f}{mse:>10}{mse_plain:>10}{sp:>11}"
               f"{succ:>22}")
 
 

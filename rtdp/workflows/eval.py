@@ -135,6 +135,7 @@ def evaluate(
     threads: int = 2,
     seed: int = 0,
     use_expert: bool = False,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate and return the report dict (DESIGN.md's keys for ``rtdp eval``)."""
     import torch
@@ -165,10 +166,12 @@ def evaluate(
 
         sampler_name = sampler or policy.config.sampler
         steps_used = int(steps or policy.config.num_inference_steps)
-        Runner(policy, sampler_name, steps_used)  # a bad sampler or steps fails here, before any episode runs
+        # a bad sampler, steps or precision fails here, before any episode runs
+        Runner(policy, sampler_name, steps_used, precision=precision)
         result = evaluate_checkpoint_policy(policy, task, seeds, sampler=sampler_name, steps=steps_used,
-                                            batch=batch, record_first=video, seed=seed)
-        lat = measure_latency(policy, task, sampler=sampler_name, steps=steps_used, calls=latency_calls)
+                                            batch=batch, record_first=video, seed=seed, precision=precision)
+        lat = measure_latency(policy, task, sampler=sampler_name, steps=steps_used, calls=latency_calls,
+                              precision=precision)
 
     n_ok = result.n_success
     ci = wilson_interval(n_ok, len(result.episodes))
@@ -184,6 +187,7 @@ def evaluate(
         "checkpoint": str(checkpoint) if checkpoint else None,
         "sampler": sampler_name,
         "steps": steps_used,
+        "precision": precision,
         "episodes": len(result.episodes),
         "success_rate": result.success_rate,
         "success_ci95": list(ci),
@@ -208,7 +212,8 @@ def print_report(report: dict[str, Any]) -> None:
     rows = [
         ("task", report["task"]),
         ("policy", report["checkpoint"] or "scripted expert"),
-        ("sampler", f"{report['sampler']}-{report['steps']}" if report["steps"] else report["sampler"]),
+        ("sampler", (f"{report['sampler']}-{report['steps']}" if report["steps"] else report["sampler"])
+         + (f" (network {report['precision']})" if report.get("precision") else "")),
         ("episodes", str(report["episodes"])),
         ("success rate", f"{report['success_rate']:.1%}  (95% CI {lo:.1%}-{hi:.1%})"),
         ("mean score", f"{report['mean_score']:.3f}"),
@@ -240,6 +245,7 @@ def run(cfg) -> dict[str, Any]:
         threads=int(cfg.threads),
         seed=int(cfg.seed),
         use_expert=bool(cfg.expert),
+        precision=cfg.get("precision"),
     )
     print_report(report)
     if cfg.json:

@@ -261,6 +261,14 @@ def train(cfg) -> dict[str, Any]:
         runner = Runner(ema, cfg.eval_sampler, None if cfg.eval_steps is None else int(cfg.eval_steps))
         res = evaluate_checkpoint_policy(ema, task, seeds, sampler=runner.name, steps=runner.steps, progress=False)
         log.append({"step": step, "time_s": round(train_time, 1), "eval_score": res.mean_score, "eval_success": res.success_rate})
+        if cfg.get("keep_checkpoints", False):
+            # the evaluated weights, kept so the best and the last few can be re-evaluated later
+            snap = out / "history" / f"step_{step:07d}"
+            ema.save_pretrained(snap)
+            (snap / "meta.json").write_text(
+                json.dumps({**run_info, "train_steps": step, "train_time_s": round(train_time, 1),
+                            "eval_score": res.mean_score, "eval_success": res.success_rate}, indent=2)
+            )
         bar.write(f"step {step}: eval ({len(seeds)} episodes, {runner.name}-{runner.steps}) "
                   f"score {res.mean_score:.3f}, success {res.success_rate:.0%}")
 
