@@ -9,6 +9,7 @@ from rtdp.errors import CheckpointError
 from rtdp.policies.consistency import ConsistencyUnetConfig, ConsistencyUnetPolicy
 from rtdp.policies.diffusion_unet import SIZES, DiffusionUnetConfig, DiffusionUnetPolicy, LimitsNormalizer
 from rtdp.policies.edm_unet import EdmUnetConfig, EdmUnetPolicy
+from rtdp.policies.transformer import TransformerDiffusionConfig, TransformerDiffusionPolicy
 from rtdp.policies.unet1d import ConditionalUnet1D
 
 # Open registry: checkpoint "policy_type" -> class with from_pretrained.
@@ -16,6 +17,7 @@ POLICY_TYPES: dict[str, type] = {
     DiffusionUnetPolicy.policy_type: DiffusionUnetPolicy,
     EdmUnetPolicy.policy_type: EdmUnetPolicy,
     ConsistencyUnetPolicy.policy_type: ConsistencyUnetPolicy,
+    TransformerDiffusionPolicy.policy_type: TransformerDiffusionPolicy,
 }
 
 
@@ -49,5 +51,7 @@ __all__ = [
     "EdmUnetConfig",
     "EdmUnetPolicy",
     "LimitsNormalizer",
+    "TransformerDiffusionConfig",
+    "TransformerDiffusionPolicy",
     "load_policy",
 ]

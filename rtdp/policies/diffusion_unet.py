@@ -349,14 +349,7 @@ class DiffusionUnetPolicy(nn.Module):
             )
             for k in self.image_keys
         )
-        self.model = ConditionalUnet1D(
-            input_dim=config.action_dim,
-            global_cond_dim=config.obs_feature_dim * config.n_obs_steps,
-            diffusion_step_embed_dim=config.diffusion_step_embed_dim,
-            down_dims=config.down_dims,
-            kernel_size=config.kernel_size,
-            n_groups=config.n_groups,
-        )
+        self.model = self._build_network(config)
         shapes = {k: config.lowdim_shapes[k] for k in self.lowdim_keys}
         shapes["action"] = (config.action_dim,)
         self.normalizer = LimitsNormalizer(shapes)
@@ -367,6 +360,17 @@ class DiffusionUnetPolicy(nn.Module):
         self.last_nfe = 0
         self.last_sample_nfe = 0.0
         self._sigma_cache: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+
+    def _build_network(self, config: DiffusionUnetConfig) -> nn.Module:
+        """The denoising network ``model(sample (B, T, Da), timestep, global_cond (B, To * F)) -> (B, T, Da)``."""
+        return ConditionalUnet1D(
+            input_dim=config.action_dim,
+            global_cond_dim=config.obs_feature_dim * config.n_obs_steps,
+            diffusion_step_embed_dim=config.diffusion_step_embed_dim,
+            down_dims=config.down_dims,
+            kernel_size=config.kernel_size,
+            n_groups=config.n_groups,
+        )
 
     # ------------------------------------------------------------------ setup
 

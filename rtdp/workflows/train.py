@@ -40,10 +40,13 @@ def ema_decay(step: int, power: float = 0.75, max_decay: float = 0.9999) -> floa
     return float(min(max_decay, max(0.0, 1.0 - (1.0 + step) ** -power)))
 
 
-POLICIES = ("unet", "edm", "consistency")
+POLICIES = ("unet", "edm", "consistency", "transformer")
 # Fields of policy/<name>.yaml handed to the policy config unchanged.
 _EDM_FIELDS = ("sigma_data", "sigma_min", "sigma_max", "rho", "p_mean", "p_std", "goal_keys", "goal_dropout",
                "ladder_prob", "stream_action_steps", "stream_steps_per_obs")
+
+
+_TRANSFORMER_FIELDS = ("n_layer", "n_head", "n_emb", "p_drop_emb", "p_drop_attn", "causal_attn")
 
 
 def build_policy_config(task: TaskSpec, policy_cfg, arrays: dict[str, np.ndarray]):
@@ -51,7 +54,7 @@ def build_policy_config(task: TaskSpec, policy_cfg, arrays: dict[str, np.ndarray
     from rtdp.policies.diffusion_unet import SIZES, DiffusionUnetConfig
     from rtdp.policies.edm_unet import EdmUnetConfig
 
-    if policy_cfg.name not in ("unet", "edm"):
+    if policy_cfg.name not in ("unet", "edm", "transformer"):
         raise ConfigError(f"policy must be one of {list(POLICIES)}, got {policy_cfg.name!r}")
     if policy_cfg.down_dims is not None:
         down_dims = tuple(int(d) for d in policy_cfg.down_dims)
@@ -73,6 +76,11 @@ def build_policy_config(task: TaskSpec, policy_cfg, arrays: dict[str, np.ndarray
     )
     if policy_cfg.name == "unet":
         return DiffusionUnetConfig(**common)
+    if policy_cfg.name == "transformer":
+        from rtdp.policies.transformer import TransformerDiffusionConfig
+
+        extra = {k: policy_cfg[k] for k in _TRANSFORMER_FIELDS if k in policy_cfg}
+        return TransformerDiffusionConfig(**common, **extra)
     extra = {k: policy_cfg[k] for k in _EDM_FIELDS if k in policy_cfg}
     if "goal_keys" in extra:
         extra["goal_keys"] = tuple(extra["goal_keys"] or ())
@@ -100,7 +108,10 @@ def build_policy(task: TaskSpec, policy_cfg, arrays: dict[str, np.ndarray], stat
         student.set_teacher(teacher)
         return student
     config = build_policy_config(task, policy_cfg, arrays)
-    policy = (EdmUnetPolicy if policy_cfg.name == "edm" else DiffusionUnetPolicy)(config)
+    from rtdp.policies.transformer import TransformerDiffusionPolicy
+
+    cls = {"edm": EdmUnetPolicy, "transformer": TransformerDiffusionPolicy}.get(policy_cfg.name, DiffusionUnetPolicy)
+    policy = cls(config)
     policy.set_normalizer(stats)
     return policy
 
