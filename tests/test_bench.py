@@ -53,6 +53,8 @@ def test_parse_config_packed_network_options():
     assert parse_config("ddpm-100+fast").options == {"precision": "fp32"}
     assert parse_config("cm-1+int8dyn").options == {"precision": "int8dyn"}
     assert parse_config("edm-3+g1.5+bf16").options == {"guidance_scale": 1.5, "precision": "bf16"}
+    assert parse_config("ddpm-100+deepcache").options == {"deepcache": 3}
+    assert parse_config("ddim-10+deepcache2+int8").options == {"deepcache": 2, "precision": "int8"}
     with pytest.raises(ConfigError, match="at most one"):
         parse_config("edm-3+int8+fast")
     with pytest.raises(ConfigError, match="unknown option"):

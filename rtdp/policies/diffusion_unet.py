@@ -37,6 +37,7 @@ from rtdp.core import (
     make_alphas_cumprod,
     vp_noise_to_start,
 )
+from rtdp.core.cache import CachedNetwork, deepcache_schedule
 from rtdp.errors import (
     CheckpointError,
     ConfigError,
@@ -394,34 +395,49 @@ class DiffusionUnetPolicy(nn.Module):
         """Device of the policy's tensors."""
         return self.alphas_cumprod.device
 
-    def with_network(self, precision: str | None) -> "DiffusionUnetPolicy":
-        """This policy with its U-Net in a packed inference form (``rtdp.core.fast_network``).
+    def with_network(self, precision: str | None = None, *, deepcache: int | None = None,
+                     deepcache_branch: int = 1) -> "DiffusionUnetPolicy":
+        """This policy with its network in an inference form: packed weights and/or DeepCache.
 
         Args:
-            precision: None (this policy itself, the plain network), ``"fp32"``
-                (same outputs to ~1e-6), ``"bf16"``, ``"int8"`` or ``"int8dyn"``.
+            precision: None (the plain network), ``"fp32"`` (packed, same outputs
+                to ~1e-6), ``"bf16"``, ``"int8"`` or ``"int8dyn"`` (``rtdp.core.fastnet``).
+            deepcache: reuse the U-Net's deep features, recomputing them every
+                ``deepcache`` network calls (``rtdp.core.cache``); None: off. The
+                cache restarts with every chunk (``Runner`` resets it).
+            deepcache_branch: U-Net level whose skip feature the shallow path still computes.
 
         Returns:
-            an inference-only view sharing everything but the U-Net with this
-            policy. Views are cached per precision and rebuilt when the weights
-            change in place (training) or are replaced.
+            this policy itself when both are off; otherwise an inference-only
+            view sharing everything but the network with this policy. Views are
+            cached per setting and rebuilt when the weights change in place
+            (training) or are replaced.
 
         Raises:
-            ConfigError: unknown precision or one this CPU cannot run.
+            ConfigError: unknown precision, one this CPU cannot run, or a
+                network without DeepCache support.
         """
-        if precision is None:
+        if precision is None and deepcache is None:
             return self
+        key = (precision, deepcache, deepcache_branch)
         version = tuple((id(p), p._version) for p in self.model.parameters())
         views = self.__dict__.setdefault("_fast_views", {})
-        hit = views.get(precision)
+        hit = views.get(key)
         if hit is not None and hit[0] == version:
             return hit[1]
+        net = fast_network(self.model, precision, rows_hint=self.config.horizon)
+        if deepcache is not None:
+            if not hasattr(self.model, "deepcache_modules"):
+                raise ConfigError(f"DeepCache needs a U-Net; {type(self.model).__name__} has no skip branch to cut at")
+            deep = self.model.deepcache_modules(deepcache_branch)
+            net = CachedNetwork(net if precision is not None else copy.deepcopy(self.model).eval(),
+                                deepcache_schedule(deep, 2 * self.config.num_train_timesteps + 1, deepcache))
         view = copy.copy(self)  # new __dict__, shared tensors
         view._modules = dict(self._modules)
-        view._modules["model"] = fast_network(self.model, precision, rows_hint=self.config.horizon)
+        view._modules["model"] = net
         for cached in ("_dens", "_den", "_fast_views"):  # denoisers wrap the plain network
             view.__dict__.pop(cached, None)
-        views[precision] = (version, view)
+        views[key] = (version, view)
         return view
 
     # -------------------------------------------------------------- internals

@@ -43,6 +43,8 @@ class Runner:
         seed: seed of the sampling noise.
         precision: None for the plain network, or a packed inference form of the
             U-Net (``"fp32"``, ``"bf16"``, ``"int8"``, ``"int8dyn"``; see ``rtdp.core.fastnet``).
+        deepcache: DeepCache interval (U-Net deep features recomputed every
+            ``deepcache`` network calls within a chunk); None: off.
         options: extra keyword arguments of ``predict_action_chunk`` (e.g. ``guidance_scale``).
 
     Raises:
@@ -51,7 +53,7 @@ class Runner:
     """
 
     def __init__(self, policy, sampler: str | None = None, steps: int | None = None, *, seed: int = 0,
-                 precision: str | None = None, **options: Any) -> None:
+                 precision: str | None = None, deepcache: int | None = None, **options: Any) -> None:
         from rtdp.policies.consistency import ConsistencyUnetPolicy
         from rtdp.policies.edm_unet import EdmUnetPolicy
         from rtdp.policies.streaming import StreamingPolicy
@@ -81,15 +83,25 @@ class Runner:
                 f"{', '.join(sorted(options))} need a goal-conditioned EDM checkpoint (policy.goal_keys set); "
                 f"this {type(policy).__name__} has no goal"
             )
+        if deepcache is not None:
+            if isinstance(deepcache, bool) or int(deepcache) != deepcache or int(deepcache) < 1:
+                raise ConfigError(f"deepcache must be an interval >= 1, got {deepcache!r}")
+            if name == "stream":
+                raise ConfigError("DeepCache reuses features between the steps of one chunk; streaming makes "
+                                  "1-2 network calls per observation on a shifted buffer, so there is nothing to reuse")
         self.name = name
         self.precision = precision
-        policy = self.policy = policy.with_network(precision)
+        self.deepcache = deepcache
+        policy = self.policy = policy.with_network(precision, deepcache=deepcache)
         self.steps = policy.config.num_inference_steps if steps is None else steps
         self.stream = None
         if name == "stream":
             self.stream = StreamingPolicy(policy, self.steps)
         else:
             self.steps = policy._check_steps(self.steps)
+            if deepcache is not None and self.steps < 2:
+                raise ConfigError(f"DeepCache needs >= 2 network calls per chunk to reuse anything; "
+                                  f"{name}-{self.steps} makes {self.steps}")
         # "edm" is Euler on the EDM policy's Karras schedule.
         self.core_sampler = "euler" if name == "edm" else (None if name in ("stream", "cm") else name)
 
@@ -123,6 +135,9 @@ class Runner:
             rows: for streaming, which episodes' buffers these observations continue.
             noise: initial noise for one-shot samplers (ignored by streaming).
         """
+        reset_cache = getattr(self.policy.model, "reset", None)
+        if reset_cache is not None:  # cached features belong to one chunk
+            reset_cache()
         if self.stream is not None:
             return self.stream.predict_action_chunk(obs, generator=self.generator, rows=rows, **self.options)
         if self.name == "cm":

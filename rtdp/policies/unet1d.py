@@ -219,6 +219,28 @@ class ConditionalUnet1D(nn.Module):
             x = up(res2(res1(x, cond), cond))
         return self.final_conv(x).transpose(1, 2)
 
+    def deepcache_modules(self, branch: int = 1) -> list[str]:
+        """Submodules below DeepCache's skip branch ``branch`` (1 .. num_levels - 1).
+
+        The shallow path keeps the down levels above ``branch``, the residual
+        blocks of level ``branch`` (its skip feature) and the up levels that
+        consume skips of levels 1 .. ``branch``; everything deeper (the rest of
+        the down path, the mid blocks and the deeper up levels) is what a
+        cached step reuses. Names are the callables the forward pass invokes.
+
+        Raises:
+            ConfigError: ``branch`` outside 1 .. num_levels - 1.
+        """
+        levels = self.num_levels
+        if not 1 <= int(branch) <= levels - 1:
+            raise ConfigError(f"DeepCache branch must be in 1..{levels - 1} for a {levels}-level U-Net, got {branch}")
+        b = int(branch)
+        names = [f"down_modules.{b}.2"]
+        names += [f"down_modules.{k}.{i}" for k in range(b + 1, levels) for i in range(3)]
+        names += [f"mid_modules.{i}" for i in range(len(self.mid_modules))]
+        names += [f"up_modules.{j}.{i}" for j in range(levels - 1 - b) for i in range(3)]
+        return names
+
     def _per_position_cond(self, t: torch.Tensor, global_cond: torch.Tensor | None, dtype: torch.dtype) -> PerPositionCond:
         """Condition rows for every distinct (trajectory, step) pair of t (B, T)."""
         batch, length = t.shape

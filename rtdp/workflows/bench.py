@@ -62,7 +62,8 @@ def parse_config(name: str) -> BenchConfig:
 
     Options: ``+g<scale>`` (classifier-free guidance scale), ``+skip<cos>``
     (guidance skipping threshold), ``+fast`` / ``+bf16`` / ``+int8`` / ``+int8dyn``
-    (the network's packed fp32, bf16, weight-only int8 or dynamic int8 form).
+    (the network's packed fp32, bf16, weight-only int8 or dynamic int8 form),
+    ``+deepcache<N>`` (U-Net deep features reused, recomputed every N calls; N = 3 by default).
 
     Raises:
         ConfigError: a malformed name, steps <= 0 or an unknown option.
@@ -80,7 +81,9 @@ def parse_config(name: str) -> BenchConfig:
     for opt in filter(None, m["opts"].split("+")):
         key = re.match(r"[a-z]*", opt).group(0)
         value = opt[len(key):]
-        if opt in PRECISION_OPTIONS:
+        if key == "deepcache":
+            options["deepcache"] = int(value) if value else 3
+        elif opt in PRECISION_OPTIONS:
             if "precision" in options:
                 raise ConfigError(f"configuration {name!r}: give at most one of +{', +'.join(PRECISION_OPTIONS)}")
             options["precision"] = PRECISION_OPTIONS[opt]
@@ -89,7 +92,7 @@ def parse_config(name: str) -> BenchConfig:
         elif key == "skip" and value:
             options["guidance_skip_cos"] = float(value)
         else:
-            raise ConfigError(f"configuration {name!r}: unknown option +{opt}; known: +g<scale>, +skip<cos>, "
+            raise ConfigError(f"configuration {name!r}: unknown option +{opt}; known: +g<scale>, +skip<cos>, +deepcache<N>, "
                               f"+{', +'.join(PRECISION_OPTIONS)}")
     return BenchConfig(str(name), m["sampler"], steps, options)
 
@@ -222,7 +225,7 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
                  fidelity: bool = True) -> dict[str, Any]:
     """Measure one configuration; returns DESIGN.md's per-configuration keys.
 
-    With a packed network (``precision``) and ``fidelity``, also
+    With a packed or cached network (``precision``, ``deepcache``) and ``fidelity``, also
     ``action_mse_vs_plain``: its actions against the plain network's for the same
     configuration, noise and observations (normalised units).
     """
@@ -240,6 +243,7 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
         "sampler": cfg.sampler,
         "steps": cfg.steps,
         "precision": cfg.options.get("precision"),
+        "deepcache": cfg.options.get("deepcache"),
         "checkpoint": getattr(policy, "_bench_source", None),
         "policy_type": policy.policy_type,
         "nfe_per_chunk": nfe,
@@ -259,12 +263,13 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
             k = min(act.shape[1], ref.shape[1])
             diffs.append(float(np.mean((act[:, :k] - ref[:, :k]) ** 2)))
         row["action_mse"] = float(np.mean(diffs))
-    if cfg.options.get("precision") is not None and fidelity:
-        # The packed network against the plain one, same configuration, noise and observations.
+    network_opts = ("precision", "deepcache")
+    if any(cfg.options.get(k) is not None for k in network_opts) and fidelity:
+        # The packed / cached network against the plain one, same configuration, noise and observations.
         import torch
 
         plain = Runner(policy, cfg.sampler, cfg.steps, seed=0,
-                       **{k: v for k, v in cfg.options.items() if k != "precision"})
+                       **{k: v for k, v in cfg.options.items() if k not in network_opts})
         gen = torch.Generator().manual_seed(4321)
         diffs = []
         for o in obs_list:
