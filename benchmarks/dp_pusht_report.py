@@ -12,7 +12,7 @@ score on seeds 100000..100049), then
 
 Usage::
 
-    python benchmarks/dp_pusht_report.py runs/dp_pusht_kp --json benchmarks/results/dp_pusht_kp.json
+    python benchmarks/dp_pusht_report.py runs/dp_pusht_kp --samplers ddpm-100 --json benchmarks/results/dp_pusht_kp.json
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def _eval(path: Path, sampler: str, steps: int, seeds: list[int]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
-    ap.add_argument("--samplers", default="ddpm-100,ddim-10")
+    ap.add_argument("--samplers", default="ddpm-100",
+                    help="samplers to re-evaluate with; the during-training evaluations are reported as they are")
     ap.add_argument("--last", type=int, default=5)
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
@@ -65,8 +66,14 @@ def main() -> None:
 
     report = {"run": str(args.run), "data": metas[0]["data"], "n_episodes": metas[0]["n_episodes"],
               "protocol": f"seeds {seeds[0]}..{seeds[-1]}, score = max over the episode of clip(coverage/0.95, 0, 1)",
-              "curve": curve, "paper": PAPER, "best": {}, "last": {}}
-    for spec in args.samplers.split(","):
+              "curve": curve, "paper": PAPER, "best": {}, "last": {},
+              "training_evals": {"best": curve[best_i], "last_mean_score": float(np.mean([c["score"] for c in curve[-args.last:]])),
+                                 "last_mean_success": float(np.mean([c["success_rate"] for c in curve[-args.last:]]))}}
+    te = report["training_evals"]
+    print(f"during training: best (step {te['best']['step']}) score {te['best']['score']:.3f}, success "
+          f"{te['best']['success_rate']:.0%}; mean of last {args.last}: score {te['last_mean_score']:.3f}, "
+          f"success {te['last_mean_success']:.0%}")
+    for spec in filter(None, args.samplers.split(",")):
         sampler, steps = spec.rsplit("-", 1)
         best = _eval(snaps[best_i], sampler, int(steps), seeds)
         lasts = [_eval(s, sampler, int(steps), seeds) for s in last]
