@@ -119,3 +119,30 @@ def test_bad_cache_configurations_are_typed_errors():
                                                                n_emb=16, n_head=2))
     with pytest.raises(ConfigError, match="needs a U-Net"):
         Runner(tf, "ddim", 4, deepcache=2)
+
+
+def test_deepcache_on_a_diffusers_unet2d_shares_the_core():
+    diffusers = pytest.importorskip("diffusers")
+    import copy
+
+    from rtdp.core.cache import unet2d_deepcache_modules
+
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16, 16),
+                                  down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
+                                  layers_per_block=1, norm_num_groups=4).eval()
+    names = unet2d_deepcache_modules(model, 0)
+    assert names == ["down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1"]
+    x = torch.randn(1, 3, 16, 16)
+    exact = CachedNetwork(copy.deepcopy(model), deepcache_schedule(names, 10, 1))
+    cached = CachedNetwork(copy.deepcopy(model), deepcache_schedule(names, 10, 2))
+    with torch.no_grad():
+        for t in (900, 600, 300, 100):
+            ref = model(x, t).sample
+            assert torch.equal(exact(x, t).sample, ref)
+            cached(x, t)
+    assert cached.wrapped["mid_block"].calls == 2  # steps 0 and 2 of 4
+    with pytest.raises(ConfigError, match="branch"):
+        unet2d_deepcache_modules(model, 2)
+    with pytest.raises(ConfigError, match="structure"):
+        unet2d_deepcache_modules(nn.Linear(2, 2))

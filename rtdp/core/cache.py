@@ -25,7 +25,7 @@ from torch import nn
 
 from rtdp.errors import ConfigError
 
-__all__ = ["CachedModule", "CachedNetwork", "deepcache_schedule", "uniform_schedule"]
+__all__ = ["CachedModule", "CachedNetwork", "deepcache_schedule", "unet2d_deepcache_modules", "uniform_schedule"]
 
 
 class CachedModule(nn.Module):
@@ -37,6 +37,13 @@ class CachedModule(nn.Module):
         self.name = name
         self.__dict__["_owner"] = owner  # not a child module: no cycle in the module tree
         self.calls = 0  # inner forward passes since construction (tests count them)
+
+    def __getattr__(self, name: str) -> Any:
+        # Models read attributes of their blocks (diffusers: `block.resnets`); answer for the inner one.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         owner = self._owner
@@ -108,3 +115,24 @@ def uniform_schedule(names: Iterable[str], steps: int, interval: int) -> dict[st
 def deepcache_schedule(deep_modules: Iterable[str], steps: int, interval: int) -> dict[str, set[int]]:
     """DeepCache: the modules below the skip branch run every ``interval`` steps, the shallow path always."""
     return uniform_schedule(deep_modules, steps, interval)
+
+
+def unet2d_deepcache_modules(model: nn.Module, branch: int = 0) -> list[str]:
+    """DeepCache's deep part of a diffusers ``UNet2DModel`` (or any model with ``down_blocks``,
+    ``mid_block`` and ``up_blocks`` run in that order, up block j consuming down block n-1-j's skips).
+
+    The shallow path keeps down blocks 0..``branch`` and up blocks n-1-``branch``..n-1; the down
+    blocks below, the mid block and the deeper up blocks are cached.
+
+    Raises:
+        ConfigError: a model without that structure, or ``branch`` outside 0 .. n - 2.
+    """
+    down, up = getattr(model, "down_blocks", None), getattr(model, "up_blocks", None)
+    if down is None or up is None or getattr(model, "mid_block", None) is None or len(down) != len(up):
+        raise ConfigError(f"{type(model).__name__} has no down_blocks / mid_block / up_blocks U-Net structure")
+    n = len(down)
+    if not 0 <= int(branch) <= n - 2:
+        raise ConfigError(f"DeepCache branch must be in 0..{n - 2} for {n} down blocks, got {branch}")
+    b = int(branch)
+    return ([f"down_blocks.{i}" for i in range(b + 1, n)] + ["mid_block"]
+            + [f"up_blocks.{j}" for j in range(n - 1 - b)])
