@@ -192,15 +192,11 @@ class FastConv1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C_in, T) -> (B, C_out, T_out)."""
-        batch = x.shape[0]
         if self.kernel_size == 1 and self.stride == 1 and self.padding == 0:
             return self.linear(x.transpose(1, 2)).transpose(1, 2)
         if self.padding:
             x = F.pad(x, (self.padding, self.padding))
-        cols = x.unfold(2, self.kernel_size, self.stride)  # (B, C_in, T_out, k)
-        t_out = cols.shape[2]
-        rows = cols.permute(0, 2, 1, 3).reshape(batch * t_out, -1)  # row = (c, j) as the weight's (C_in, k)
-        return self.linear(rows).reshape(batch, t_out, -1).transpose(1, 2)
+        return _conv_as_product(self.linear, x, self.kernel_size, self.stride)
 
 
 class FastConvTranspose1d(nn.Module):
@@ -234,10 +230,7 @@ class FastConvTranspose1d(nn.Module):
             up[:, :, :: self.stride] = x
             x = up
         x = F.pad(x, (self.pad_left, self.pad_right))
-        cols = x.unfold(2, self.kernel_size, 1)
-        t_out = cols.shape[2]
-        rows = cols.permute(0, 2, 1, 3).reshape(batch * t_out, -1)
-        return self.linear(rows).reshape(batch, t_out, -1).transpose(1, 2)
+        return _conv_as_product(self.linear, x, self.kernel_size, 1)
 
 
 class FastLinear(nn.Module):
@@ -249,6 +242,15 @@ class FastLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
+
+
+def _conv_as_product(linear: PackedLinear, x: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
+    """Valid convolution of the (already padded) x (B, C_in, T) as one product -> (B, C_out, T_out)."""
+    batch = x.shape[0]
+    cols = x.unfold(2, kernel_size, stride)  # (B, C_in, T_out, k)
+    t_out = cols.shape[2]
+    rows = cols.permute(0, 2, 1, 3).reshape(batch * t_out, -1)  # row = (c, j) as the weight's (C_in, k)
+    return linear(rows).reshape(batch, t_out, -1).transpose(1, 2)
 
 
 def _convertible_conv(conv: nn.Module) -> bool:

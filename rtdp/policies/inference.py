@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from rtdp.core import SAMPLERS
+from rtdp.core.cache import CachedNetwork
 from rtdp.errors import ConfigError, UnknownNameError
 
 POLICY_SAMPLERS = ("edm", "stream", "cm")
@@ -135,9 +136,8 @@ class Runner:
             rows: for streaming, which episodes' buffers these observations continue.
             noise: initial noise for one-shot samplers (ignored by streaming).
         """
-        reset_cache = getattr(self.policy.model, "reset", None)
-        if reset_cache is not None:  # cached features belong to one chunk
-            reset_cache()
+        if isinstance(self.policy.model, CachedNetwork):  # cached features belong to one chunk
+            self.policy.model.reset()
         if self.stream is not None:
             return self.stream.predict_action_chunk(obs, generator=self.generator, rows=rows, **self.options)
         if self.name == "cm":

@@ -259,11 +259,14 @@ def train(cfg) -> dict[str, Any]:
     loss_acc, loss_n = 0.0, 0
     t_last = time.perf_counter()
 
-    def checkpoint() -> None:
-        ema.save_pretrained(out / "checkpoint")
-        (out / "checkpoint" / "meta.json").write_text(
-            json.dumps({**run_info, "train_steps": step, "train_time_s": round(train_time, 1)}, indent=2)
+    def save_weights(folder: Path, **extra: Any) -> None:
+        ema.save_pretrained(folder)
+        (folder / "meta.json").write_text(
+            json.dumps({**run_info, "train_steps": step, "train_time_s": round(train_time, 1), **extra}, indent=2)
         )
+
+    def checkpoint() -> None:
+        save_weights(out / "checkpoint")
         _save_state(state_dir, model, ema, opt, step, np_rng, {"train_time_s": train_time, "log": log, "run": run_info})
         _plot_curves(out, log, int(cfg.threads))
 
@@ -274,12 +277,8 @@ def train(cfg) -> dict[str, Any]:
         log.append({"step": step, "time_s": round(train_time, 1), "eval_score": res.mean_score, "eval_success": res.success_rate})
         if cfg.get("keep_checkpoints", False):
             # the evaluated weights, kept so the best and the last few can be re-evaluated later
-            snap = out / "history" / f"step_{step:07d}"
-            ema.save_pretrained(snap)
-            (snap / "meta.json").write_text(
-                json.dumps({**run_info, "train_steps": step, "train_time_s": round(train_time, 1),
-                            "eval_score": res.mean_score, "eval_success": res.success_rate}, indent=2)
-            )
+            save_weights(out / "history" / f"step_{step:07d}", eval_score=res.mean_score,
+                         eval_success=res.success_rate)
         bar.write(f"step {step}: eval ({len(seeds)} episodes, {runner.name}-{runner.steps}) "
                   f"score {res.mean_score:.3f}, success {res.success_rate:.0%}")
 
