@@ -14,7 +14,7 @@ from pathlib import Path
 from rtdp.errors import ConfigError, RtdpError, UnknownNameError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-VERBS = ("collect", "train", "eval", "bench", "demo")
+VERBS = ("collect", "train", "eval", "bench", "demo", "control")
 
 USAGE = """usage: rtdp <verb> [key=value ...]
 
@@ -24,6 +24,7 @@ verbs:
   train     train a diffusion policy from a zarr replay buffer
   eval      evaluate a checkpoint (or the expert) on the task's evaluation seeds
   bench     latency, NFE, fidelity and success of inference configurations side by side
+  control   drive a robot (simulated or Dynamixel) with a checkpoint in real time
 
 examples:
   rtdp demo out=outputs/demo
@@ -31,6 +32,8 @@ examples:
   rtdp train task=pusht data=data/pusht.zarr out=runs/pusht
   rtdp eval checkpoint=runs/pusht/checkpoint episodes=50 sampler=ddim steps=10 json=eval.json
   rtdp bench checkpoint=runs/pusht/checkpoint checkpoints=[runs/pusht_edm/checkpoint] episodes=50 json=bench.json
+  rtdp control checkpoint=rtdp/assets/checkpoints/pusht/checkpoint driver=sim episodes=50 json=control.json
+  rtdp control size=dp_lowdim driver=dynamixel port=emulator rate_hz=50 duration_s=600
   rtdp bench size=dp_lowdim configs=[ddpm-100,ddim-10,edm-3,stream-1,cm-1] json=bench_dp.json
 """
 

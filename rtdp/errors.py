@@ -76,3 +76,15 @@ def require_package(module: str, extra: str, purpose: str):
             f"{purpose} needs the '{module}' package, which is not installed: "
             f"pip install {target} (or bash scripts/setup.sh, which installs every extra)"
         ) from exc
+
+
+class DriverError(RtdpError):
+    """A robot driver cannot do what was asked (bad port, wrong model, bus fault)."""
+
+
+class DeviceNotConnectedError(DriverError):
+    """A driver method that talks to the robot was called before ``connect()`` or after ``close()``."""
+
+
+class DeviceDisconnectedError(DriverError):
+    """The robot or its bus went away while connected (port closed, cable pulled, no replies)."""

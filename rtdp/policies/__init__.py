@@ -21,6 +21,22 @@ POLICY_TYPES: dict[str, type] = {
 }
 
 
+def read_config(directory: str | Path) -> dict:
+    """The policy config of a checkpoint (``config.json``'s ``config``), without building the network.
+
+    Raises:
+        CheckpointError: missing folder or unreadable config.
+    """
+    cfg_path = Path(directory) / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{str(directory)!r} is not an rtdp checkpoint folder (no config.json)")
+    try:
+        data = json.loads(cfg_path.read_text())
+        return dict(data["config"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the policy config in {cfg_path}: {exc}") from exc
+
+
 def load_policy(directory: str | Path, *, device=None):
     """Load any rtdp policy checkpoint, picking the class from its ``config.json``.
 
@@ -54,4 +70,5 @@ __all__ = [
     "TransformerDiffusionConfig",
     "TransformerDiffusionPolicy",
     "load_policy",
+    "read_config",
 ]

@@ -178,6 +178,8 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
         noise: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         guidance_skip_cos: float | None = None,
+        inpaint: tuple[Any, Any] | None = None,
+        n_actions: int | None = None,
     ) -> torch.Tensor:
         """Act in ``steps`` consistency evaluations (default 1).
 
@@ -187,6 +189,9 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
             steps: 1..8; levels between are a Karras schedule from sigma_max.
             generator: source of the initial and re-noising noise.
             noise: standard-normal initial noise (B, T, Da).
+            inpaint: ``(actions, weights)`` committed actions to agree with (real-time chunking).
+            n_actions: actions returned (default ``n_action_steps``; up to the
+                rest of the horizon, which an asynchronous controller keeps in reserve).
 
         Returns:
             actions (B, Ta, Da) in env units.
@@ -196,6 +201,7 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
         steps = self._check_steps(cfg.num_inference_steps if steps is None else steps)
         cond, uncond = self.conditioning(obs)
         den, _ = self.guided_denoiser(cond, uncond, guidance_scale, guidance_skip_cos)
+        den = self.inpainted(den, inpaint)
         levels = sigmas_karras(steps, max(cfg.sigma_min, cfg.cd_sigma_min), cfg.sigma_max, cfg.rho)[:-1]
         levels = levels.to(self.device, cond.dtype)
         b = cond.shape[0]
@@ -211,4 +217,4 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
         self.last_nfe = base.nfe
         self.last_sample_nfe = float(base.nfe)
         start = cfg.n_obs_steps - 1
-        return self.normalizer.unnormalize("action", x0[:, start : start + cfg.n_action_steps])
+        return self.normalizer.unnormalize("action", x0[:, start : start + self.chunk_length(n_actions)])

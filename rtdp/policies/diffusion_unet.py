@@ -564,6 +564,38 @@ class DiffusionUnetPolicy(nn.Module):
             raise ConfigError(f"noise must have shape {shape} = (B, horizon, action_dim), got {tuple(noise.shape)}")
         return noise
 
+    def chunk_length(self, n_actions: int | None = None) -> int:
+        """Actions a chunk returns: ``n_action_steps`` by default, at most the rest of the horizon."""
+        cfg = self.config
+        if n_actions is None:
+            return cfg.n_action_steps
+        most = cfg.horizon - cfg.n_obs_steps + 1
+        if isinstance(n_actions, bool) or int(n_actions) != n_actions or not 1 <= int(n_actions) <= most:
+            raise ConfigError(f"n_actions must be an int in 1..{most} (horizon - n_obs_steps + 1), got {n_actions!r}")
+        return int(n_actions)
+
+    def inpainted(self, denoiser, inpaint: tuple[Any, Any] | None):
+        """``denoiser`` pulled towards committed actions (env units) at the first returned positions.
+
+        Raises:
+            ConfigError: the committed actions do not fit the chunk (shape, length, non-finite).
+        """
+        if inpaint is None:
+            return denoiser
+        from rtdp.core.inpaint import InpaintDenoiser
+
+        cfg = self.config
+        actions, weights = inpaint
+        actions = torch.as_tensor(np.asarray(actions, dtype=np.float32), device=self.device)
+        if actions.ndim != 3 or actions.shape[-1] != cfg.action_dim or actions.shape[1] > cfg.horizon - cfg.n_obs_steps + 1:
+            raise ConfigError(f"inpainting actions must be (B, K <= {cfg.horizon - cfg.n_obs_steps + 1}, "
+                              f"{cfg.action_dim}), got {tuple(actions.shape)}")
+        if not bool(torch.isfinite(actions).all()):
+            raise ConfigError("inpainting actions contain NaN or Inf")
+        target = self.normalizer.normalize("action", actions)
+        return InpaintDenoiser(denoiser, target, torch.as_tensor(weights, dtype=torch.float32),
+                               start=cfg.n_obs_steps - 1)
+
     def _check_batch(self, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Validated training observations and the normalised action (B, T, Da)."""
         cfg = self.config
@@ -616,6 +648,8 @@ class DiffusionUnetPolicy(nn.Module):
         steps: int | None = None,
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
+        inpaint: tuple[Any, Any] | None = None,
+        n_actions: int | None = None,
     ) -> torch.Tensor:
         """Sample an action chunk.
 
@@ -626,6 +660,11 @@ class DiffusionUnetPolicy(nn.Module):
             steps: sampler steps; default ``config.num_inference_steps``.
             generator: source of the initial and per-step noise.
             noise: standard-normal initial noise (B, T, Da), to fix the sample.
+            inpaint: ``(actions, weights)``: committed actions (B, K, Da) in env
+                units for the first K returned positions and their weights (K,)
+                in [0, 1] (real-time chunking; see ``rtdp.core.inpaint``).
+            n_actions: actions returned (default ``n_action_steps``; up to the
+                rest of the horizon, which an asynchronous controller keeps in reserve).
 
         Returns:
             actions (B, Ta, Da) in env units: steps To-1 .. To-1+Ta of the
@@ -646,11 +685,12 @@ class DiffusionUnetPolicy(nn.Module):
         noise = self.initial_noise(cond.shape[0], generator, noise)
         den = self._denoiser(name)
         den.reset_nfe()
-        x = sample_fn(den, vp_noise_to_start(noise, float(sigmas[0])), sigmas, cond=cond, generator=generator)
+        x = sample_fn(self.inpainted(den, inpaint), vp_noise_to_start(noise, float(sigmas[0])), sigmas,
+                      cond=cond, generator=generator)
         self.last_nfe = den.nfe
         self.last_sample_nfe = float(den.nfe)
         start = cfg.n_obs_steps - 1
-        return self.normalizer.unnormalize("action", x[:, start : start + cfg.n_action_steps])
+        return self.normalizer.unnormalize("action", x[:, start : start + self.chunk_length(n_actions)])
 
     # ------------------------------------------------------------ checkpoints
 

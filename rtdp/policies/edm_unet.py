@@ -320,6 +320,8 @@ class EdmUnetPolicy(DiffusionUnetPolicy):
         noise: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         guidance_skip_cos: float | None = None,
+        inpaint: tuple[Any, Any] | None = None,
+        n_actions: int | None = None,
     ) -> torch.Tensor:
         """Sample an action chunk on a Karras schedule.
 
@@ -331,6 +333,9 @@ class EdmUnetPolicy(DiffusionUnetPolicy):
             noise: standard-normal initial noise (B, T, Da).
             guidance_scale: classifier-free guidance scale (goal-conditioned policies).
             guidance_skip_cos: adaptive-guidance threshold (None: config default).
+            inpaint: ``(actions, weights)`` committed actions to agree with (real-time chunking).
+            n_actions: actions returned (default ``n_action_steps``; up to the
+                rest of the horizon, which an asynchronous controller keeps in reserve).
 
         Returns:
             actions (B, Ta, Da) in env units.
@@ -348,6 +353,7 @@ class EdmUnetPolicy(DiffusionUnetPolicy):
         sigmas = self._sigmas(name, steps)
         cond, uncond = self.conditioning(obs)
         den, guided = self.guided_denoiser(cond, uncond, guidance_scale, guidance_skip_cos)
+        den = self.inpainted(den, inpaint)
         x = self.initial_noise(cond.shape[0], generator, noise) * sigmas[0].to(cond.dtype)
         base = self._denoiser()
         base.reset_nfe()
@@ -357,5 +363,5 @@ class EdmUnetPolicy(DiffusionUnetPolicy):
         # Evaluations per sample (differs from network calls when guidance skipping stops some samples early).
         self.last_sample_nfe = float(guided.sample_nfe.float().mean()) if guided is not None else float(base.nfe)
         start = cfg.n_obs_steps - 1
-        return self.normalizer.unnormalize("action", x[:, start : start + cfg.n_action_steps])
+        return self.normalizer.unnormalize("action", x[:, start : start + self.chunk_length(n_actions)])
 

@@ -112,6 +112,14 @@ class Runner:
         return self.stream.n_action_steps if self.stream is not None else self.policy.config.n_action_steps
 
     @property
+    def plan_length(self) -> int:
+        """Most actions one call can return: the rest of the horizon (streaming: its rung)."""
+        if self.stream is not None:
+            return self.stream.n_action_steps
+        cfg = self.policy.config
+        return cfg.horizon - cfg.n_obs_steps + 1
+
+    @property
     def last_nfe(self) -> int:
         """Network evaluations of the last call."""
         return self.stream.last_nfe if self.stream is not None else self.policy.last_nfe
@@ -128,20 +136,36 @@ class Runner:
 
     @torch.no_grad()
     def predict(self, obs: Mapping[str, Any], rows: np.ndarray | None = None, *,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
+                noise: torch.Tensor | None = None, inpaint: tuple[Any, Any] | None = None,
+                n_actions: int | None = None) -> torch.Tensor:
         """Actions (B, n_action_steps, Da) in env units.
 
         Args:
             obs: ``{key: (B, To, *shape)}``.
             rows: for streaming, which episodes' buffers these observations continue.
             noise: initial noise for one-shot samplers (ignored by streaming).
+            inpaint: ``(actions (B, K, Da), weights (K,))`` committed actions the
+                chunk's first K actions must agree with (real-time chunking).
+            n_actions: actions to return (default ``n_action_steps``); up to the
+                rest of the predicted horizon (``plan_length``). Not for streaming.
+
+        Raises:
+            ConfigError: inpainting asked of the streaming sampler.
         """
         if isinstance(self.policy.model, CachedNetwork):  # cached features belong to one chunk
             self.policy.model.reset()
         if self.stream is not None:
+            if inpaint is not None:
+                raise ConfigError("real-time chunking inpaints a whole chunk; the streaming sampler keeps its own "
+                                  "buffer of committed actions, so use seam=switch with sampler=stream")
+            if n_actions not in (None, self.n_action_steps):
+                raise ConfigError("the streaming sampler returns its rung of actions per observation; "
+                                  "n_actions cannot change it")
             return self.stream.predict_action_chunk(obs, generator=self.generator, rows=rows, **self.options)
         if self.name == "cm":
-            return self.policy.predict_action_chunk(obs, steps=self.steps, generator=self.generator, noise=noise)
+            return self.policy.predict_action_chunk(obs, steps=self.steps, generator=self.generator, noise=noise,
+                                                    inpaint=inpaint, n_actions=n_actions)
         return self.policy.predict_action_chunk(obs, sampler=self.core_sampler, steps=self.steps,
-                                                generator=self.generator, noise=noise, **self.options)
+                                                generator=self.generator, noise=noise, inpaint=inpaint,
+                                                n_actions=n_actions, **self.options)
 
