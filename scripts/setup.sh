@@ -20,6 +20,6 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
         || { tail -n 20 "$LOG"; exit 1; }
 fi
 
-echo "[setup] installing rtdp[sim,dev] (log: $LOG)"
-"${PIP[@]}" install -e ".[sim,dev]" >>"$LOG" 2>&1 || { tail -n 20 "$LOG"; exit 1; }
+echo "[setup] installing rtdp[sim,hw,dev] (log: $LOG)"
+"${PIP[@]}" install -e ".[sim,hw,dev]" >>"$LOG" 2>&1 || { tail -n 20 "$LOG"; exit 1; }
 .venv/bin/python -c "import rtdp, torch, zarr, gymnasium, gym_pusht; print('[setup] ok: torch', torch.__version__)"
