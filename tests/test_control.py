@@ -296,3 +296,10 @@ def test_inpaint_denoiser_is_exact_at_weight_one_and_transparent_at_zero():
     assert torch.equal(out[:, [0, 4, 5]], x[:, [0, 4, 5]] * 0.5)
     with pytest.raises(ConfigError):
         InpaintDenoiser(lambda x, s, c: x, target, torch.tensor([2.0, 0.0, 0.0]))
+
+
+def test_loop_start_keeps_the_requested_phase():
+    clock = FakeClock(1.0)
+    loop = RateLoop(10.0, clock)
+    starts = [t.start for t in loop.run(max_cycles=3, start_at=0.55)]  # 0.55 passed: next on its grid is 1.05
+    assert starts == pytest.approx([1.05, 1.15, 1.25])

@@ -130,7 +130,11 @@ class Controller:
         self.safety.reset(None, self.clock.now())
         t_run = self.clock.now()
         seen_t = reading.t
-        for tick in self.loop.run(max_cycles=max_cycles, duration_s=duration_s):
+        # a robot with its own step clock (the simulator) is read half a period after it steps,
+        # so a reading is never taken in a race with the step that replaces it
+        phase = getattr(self.driver, "loop_phase", None)
+        start_at = None if phase is None else reading.t + float(phase) * self.dt
+        for tick in self.loop.run(max_cycles=max_cycles, duration_s=duration_s, start_at=start_at):
             now = self.clock.now()
             reading = self.driver.read()
             if reading.t != seen_t:  # a new observation; the same one twice is not history

@@ -14,6 +14,7 @@ exactly what must not happen).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -89,11 +90,21 @@ class RateLoop:
         self._t0 = 0.0
         self._t_end = 0.0
 
-    def run(self, *, max_cycles: int | None = None, duration_s: float | None = None) -> Iterator[Tick]:
-        """Yield one ``Tick`` per cycle until ``max_cycles``, ``duration_s`` or the caller breaks."""
+    def run(self, *, max_cycles: int | None = None, duration_s: float | None = None,
+            start_at: float | None = None) -> Iterator[Tick]:
+        """Yield one ``Tick`` per cycle until ``max_cycles``, ``duration_s`` or the caller breaks.
+
+        Args:
+            start_at: deadline of the first cycle (default: now); lets a loop
+                run in a chosen phase against a robot that keeps its own clock.
+        """
         clock, period = self.clock, self.period
         self.cycles = self.misses = 0
-        t0 = self._t0 = clock.now()
+        now = clock.now()
+        t0 = now if start_at is None else float(start_at)
+        if t0 < now:  # keep the requested phase: the first deadline still ahead on that grid
+            t0 += math.ceil((now - t0) / period) * period
+        self._t0 = t0
         k, missed = 0, 0
         try:
             while (max_cycles is None or self.cycles < max_cycles) and (

@@ -102,6 +102,8 @@ class SimDriver(DriverBase):
     """
 
     name = "sim"
+    # the controller reads half a period after each environment step (see Controller.run_episode)
+    loop_phase = 0.5
 
     def __init__(self, task: str = "pusht", rate_hz: float | None = None, *, max_delta: float | None = None,
                  start_timeout_s: float = 60.0) -> None:
