@@ -109,7 +109,7 @@ def test_loop_rejects_a_bad_rate():
 def test_chunk_actions_are_aligned_to_the_observation_time_and_late_ones_dropped():
     sch = ActionScheduler(DT, "switch")
     chunk = np.arange(8)[:, None] * np.ones((1, 2))
-    sch.add(chunk, t_obs=1.0, now=1.25)
+    sch.add(chunk, t_obs=1.0, now=1.3)
     assert sch.next_action(1.3)[0] == 3  # intervals 0..2 passed while inferring
     assert sch.dropped == 3
     assert sch.next_action(1.4)[0] == 4
@@ -303,3 +303,9 @@ def test_loop_start_keeps_the_requested_phase():
     loop = RateLoop(10.0, clock)
     starts = [t.start for t in loop.run(max_cycles=3, start_at=0.55)]  # 0.55 passed: next on its grid is 1.05
     assert starts == pytest.approx([1.05, 1.15, 1.25])
+
+
+def test_a_chunk_that_arrives_after_all_its_intervals_is_dropped_whole():
+    sch = ActionScheduler(DT, "switch")
+    sch.add(np.zeros((8, 2)), t_obs=0.0, now=2.0)
+    assert sch.dropped == 8 and sch.next_action(2.0) is None

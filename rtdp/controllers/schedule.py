@@ -118,6 +118,8 @@ class ActionScheduler:
         actions = np.asarray(actions, dtype=np.float64)
         n_exec = len(actions) if n_exec is None else min(int(n_exec), len(actions))
         chunk = Chunk(float(t_obs), actions, float(now), self.n_chunks, n_exec)
+        # intervals that passed while the chunk was being computed are dropped, never executed late
+        self.dropped += min(max(chunk.index_at(now, self.dt), 0), len(actions))
         self.n_chunks += 1
         self.chunks.append(chunk)
         return chunk
@@ -163,11 +165,7 @@ class ActionScheduler:
         return (w[:, None] * vals).sum(0) / w.sum()
 
     def next_action(self, now: float) -> np.ndarray | None:
-        """The action for the interval containing ``now``; None when no chunk covers it (robot idle).
-
-        Actions of the newest chunk whose intervals passed before it arrived
-        are counted as dropped the first time the chunk is used.
-        """
+        """The action for the interval containing ``now``; None when no chunk covers it (robot idle)."""
         # chunks with nothing left at or after now are finished; so are chunks
         # older than the newest one that acts, unless they vote (ensemble) or
         # are the source of the last action (seam statistics)
@@ -176,8 +174,6 @@ class ActionScheduler:
         if not cover:
             return None
         newest, k = cover[-1]
-        if newest.sent == 0:
-            self.dropped += k  # intervals 0..k-1 passed before the chunk could act
         newest.sent += 1
         action = self._value_at(now)
         if self._last_sent is not None:

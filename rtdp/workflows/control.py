@@ -120,9 +120,42 @@ def _make_driver(cfg, task_name: str | None):
         from rtdp.controllers.drivers.sim import SimDriver
 
         return SimDriver(task_name or "pusht", cfg.rate_hz, max_delta=cfg.max_delta), None
+    return _make_dynamixel(cfg)
+
+
+def _make_dynamixel(cfg):
+    """The Dynamixel driver; ``port=emulator`` starts the bus emulator on a pseudo-terminal first."""
+    import subprocess
+
     from rtdp.controllers.drivers.dynamixel import make_dynamixel_driver
 
-    return make_dynamixel_driver(cfg)
+    if not cfg.port:
+        raise ConfigError("driver=dynamixel needs port=/dev/ttyUSB0 (your bus adapter) or port=emulator")
+    ids = [int(i) for i in cfg.motors]
+    cleanup, port = None, str(cfg.port)
+    if port == "emulator":
+        proc = subprocess.Popen([sys.executable, "-m", "rtdp.controllers.emulator.dynamixel",
+                                 "--motors", ",".join(map(str, ids)), "--model", str(cfg.model)],
+                                stdout=subprocess.PIPE, text=True)
+        port = (proc.stdout.readline() or "").strip()
+        if not port:
+            proc.kill()
+            raise ConfigError("the Dynamixel bus emulator did not start")
+        print(f"rtdp control: Dynamixel bus emulator on {port}", file=sys.stderr)
+
+        def cleanup() -> None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    elif cfg.calibration is None:
+        raise ConfigError("a real Dynamixel bus needs calibration=<file.json> (joint ranges and offsets, "
+                          "LeRobot's format); see rtdp.controllers.drivers.dynamixel.write_calibration")
+    driver = make_dynamixel_driver(port, ids, str(cfg.model), cfg.calibration, baudrate=int(cfg.baudrate),
+                                   rate_hz=float(cfg.rate_hz or 50.0), max_joint_speed=float(cfg.max_speed))
+    driver.rate_hz = float(cfg.rate_hz or 50.0)
+    return driver, cleanup
 
 
 def _policy_spec(cfg, driver, obs_example: dict[str, np.ndarray] | None):
@@ -278,7 +311,13 @@ def run_control(cfg) -> dict[str, Any]:
                 dropped = ctl.dropped_total
                 safety_events = ctl.safety.counts()
     except DeviceDisconnectedError as exc:
-        raise DeviceDisconnectedError(f"{exc}; the run stopped and torque-off was attempted on every servo") from None
+        attempts = getattr(driver, "torque_off_log", None)
+        if attempts is not None:
+            ids = sorted({i for i, _, _ in attempts})
+            ok = sorted({i for i, good, _ in attempts if good})
+            raise DeviceDisconnectedError(f"{exc}; the run stopped; torque-off attempted on servos {ids} "
+                                          f"(confirmed on {ok or 'none'})") from None
+        raise DeviceDisconnectedError(f"{exc}; the run stopped and the robot was released") from None
     finally:
         if worker is not None:
             worker.close()
