@@ -16,6 +16,7 @@ Every intervention is counted by kind and logged.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -75,8 +76,11 @@ class SafetyLayer:
 
     def _event(self, kind: str, detail: str = "") -> None:
         self.events[kind] += 1
-        if kind != "hold":  # holds happen every idle cycle; the count says enough
-            log.warning("safety: %s%s", kind, f" ({detail})" if detail else "")
+        n = self.events[kind]
+        # every kind is logged the first time, then at 10, 100, 1000, ... so a policy that
+        # clips every cycle does not flood the log (the counts are in the report)
+        if kind != "hold" and (n == 1 or math.log10(n).is_integer()):
+            log.warning("safety: %s%s (%d so far)", kind, f" ({detail})" if detail else "", n)
 
     def check(self, action: object) -> np.ndarray | None:
         """The action as a (D,) float array, or None (and an event) when it must not reach the robot."""

@@ -160,6 +160,9 @@ class ActionScheduler:
         if self.seam != "ensemble" or len(cover) == 1:
             c, k = cover[-1]
             return c.actions[k]
+        # only predictions of the same shape can vote; a malformed chunk is left to the safety layer
+        shape = cover[-1][0].actions.shape[1:]
+        cover = [(c, k) for c, k in cover if c.actions.shape[1:] == shape]
         w = np.exp(-self.ensemble_m * np.arange(len(cover)))  # oldest prediction weighs most (ACT)
         vals = np.stack([c.actions[k] for c, k in cover])
         return (w[:, None] * vals).sum(0) / w.sum()
@@ -176,11 +179,13 @@ class ActionScheduler:
         newest, k = cover[-1]
         newest.sent += 1
         action = self._value_at(now)
-        if self._last_sent is not None:
+        if (self._last_sent is not None and action.shape == self._last_sent.shape
+                and np.isfinite(action).all() and np.isfinite(self._last_sent).all()):
             step = float(np.linalg.norm(action - self._last_sent))
             if newest.seq != self._last_source and self._last_source >= 0:
                 old = [c for c in self.chunks if c.seq == self._last_source]
-                if old and 0 <= old[0].index_at(now, self.dt) < len(old[0].actions):
+                if (old and 0 <= old[0].index_at(now, self.dt) < len(old[0].actions)
+                        and old[0].actions.shape[1:] == newest.actions.shape[1:]):
                     self._gaps.append(float(np.linalg.norm(newest.actions[k] - old[0].actions[old[0].index_at(now, self.dt)])))
                 self._seam_steps.append(step)
             else:
