@@ -207,13 +207,22 @@ class _WorkerBase:
         self._pending = None
         return InferenceResult(actions, t_obs, t_submit, self.clock.now(), nfe, compute_s)
 
-    def warmup(self, obs: dict[str, np.ndarray], n: int = 5) -> list[float]:
-        """Run ``n`` blocking requests (excluded from statistics); returns their compute times (s)."""
+    def warmup(self, obs: dict[str, np.ndarray], n: int = 5, idle=None) -> list[float]:
+        """Run ``n`` blocking requests (excluded from statistics); returns their compute times (s).
+
+        Args:
+            idle: called every ~20 ms while waiting (e.g. a driver read that keeps a
+                servo bus watchdog fed).
+        """
         lat = []
         for _ in range(n):
             self.submit(obs, self.clock.now())
+            t_idle = time.monotonic()
             while (res := self.poll()) is None:
                 time.sleep(0.0005)
+                if idle is not None and time.monotonic() - t_idle > 0.02:
+                    idle()
+                    t_idle = time.monotonic()
             lat.append(res.compute_s or res.latency_s)
         self.reset()
         return lat
@@ -226,9 +235,10 @@ class ProcessWorker(_WorkerBase):
         spec: what to build in the worker.
         clock: the loop's clock (for timestamps).
         start_timeout_s: how long to wait for the worker to load the policy.
+        idle: called every ~20 ms while the worker starts (see ``warmup``).
     """
 
-    def __init__(self, spec: PolicySpec, clock, *, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, spec: PolicySpec, clock, *, start_timeout_s: float = 120.0, idle=None) -> None:
         super().__init__(clock)
         ctx = mp.get_context("spawn")  # fork would copy torch's thread pools in a broken state
         self._conn, child = ctx.Pipe()
@@ -236,9 +246,13 @@ class ProcessWorker(_WorkerBase):
         self._proc = ctx.Process(target=_worker_main, args=(d, child), daemon=True, name="rtdp-inference")
         self._proc.start()
         child.close()
-        if not self._conn.poll(start_timeout_s):
-            self.close()
-            raise InferenceError(f"the inference worker did not start within {start_timeout_s:.0f} s")
+        t_end = time.monotonic() + start_timeout_s
+        while not self._conn.poll(0.02):
+            if time.monotonic() > t_end or not self._proc.is_alive():
+                self.close()
+                raise InferenceError(f"the inference worker did not start within {start_timeout_s:.0f} s")
+            if idle is not None:
+                idle()
         msg = self._conn.recv()
         if msg[0] == "error":
             self.close()

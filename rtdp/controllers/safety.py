@@ -128,8 +128,10 @@ class SafetyLayer:
             return SafeCommand(None, False, True)
         if self.stopped:
             return SafeCommand(None, False, True)
+        if self.last is None:  # nothing commanded yet: nothing to hold
+            return SafeCommand(None, False, False)
         self._event("hold")
-        return SafeCommand(None if self.last is None else self.last.copy(), False, False)
+        return SafeCommand(self.last.copy(), False, False)
 
     def counts(self) -> dict[str, int]:
         """Events by kind, every kind present."""

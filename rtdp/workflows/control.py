@@ -189,13 +189,13 @@ def _checkpoint_info(cfg) -> tuple[str | None, tuple[str, ...], int, int]:
     return task, tuple(keys), int(conf["n_obs_steps"]), int(conf["n_action_steps"])
 
 
-def _make_worker(cfg, spec, clock):
+def _make_worker(cfg, spec, clock, idle=None):
     from rtdp.controllers.inference import WORKERS, ProcessWorker, ThreadWorker, build_runner
 
     if cfg.worker not in WORKERS:
         raise UnknownNameError("worker", str(cfg.worker), WORKERS)
     if cfg.worker == "process":
-        return ProcessWorker(spec, clock)
+        return ProcessWorker(spec, clock, idle=idle)
     import torch
 
     torch.set_num_threads(int(cfg.threads))
@@ -276,9 +276,10 @@ def run_control(cfg) -> dict[str, Any]:
                                   f"(it has {sorted(first.obs)})")
             spec = _policy_spec(cfg, driver, first.obs)
             print(f"rtdp control: starting the inference worker ({cfg.worker}) ...", file=sys.stderr)
-            worker = _make_worker(cfg, spec, clock)
+            # reading while the worker starts keeps a servo bus watchdog fed (the robot holds meanwhile)
+            worker = _make_worker(cfg, spec, clock, idle=driver.read)
             example = {k: np.stack([first.obs[k]] * n_obs) for k in obs_keys}
-            warm = worker.warmup(example, 10)
+            warm = worker.warmup(example, 10, idle=driver.read)
             chunk_s = worker.n_action_steps / rate
             live_on = sys.stdout.isatty() if cfg.live is None else bool(cfg.live)
             title = f"rtdp control  {cfg.driver}  {rate:g} Hz  {cfg.worker} worker  seam={cfg.seam}"
