@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from rtdp.controllers._process import stop_process
 from rtdp.errors import ConfigError, RtdpError
 
 WORKERS = ("process", "thread")
@@ -279,15 +280,7 @@ class ProcessWorker(_WorkerBase):
         self._conn.send(("reset",))
 
     def close(self) -> None:
-        try:
-            self._conn.send(("stop",))
-        except (OSError, ValueError):
-            pass
-        self._proc.join(timeout=5)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(timeout=5)
-        self._conn.close()
+        stop_process(self._conn, self._proc, ("stop",))
 
 
 class ThreadWorker(_WorkerBase):

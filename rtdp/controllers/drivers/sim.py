@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from rtdp.controllers._process import stop_process
 from rtdp.controllers.drivers.base import ActionLimits, DriverBase, Reading
 from rtdp.errors import ActionError, ConfigError, DeviceDisconnectedError, DeviceNotConnectedError, DriverError
 
@@ -189,15 +190,7 @@ class SimDriver(DriverBase):
     def close(self) -> None:
         if self._proc is None:
             return
-        try:
-            self._conn.send(("close",))
-        except (BrokenPipeError, OSError, ValueError):
-            pass
-        self._proc.join(timeout=5)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(timeout=5)
-        self._conn.close()
+        stop_process(self._conn, self._proc, ("close",))
         self._proc = self._conn = None
 
     @property

@@ -917,31 +917,15 @@ class DynamixelBusEmulator:
                     out += answer(s, error)
             return out
 
-        if inst == Instruction.SYNC_READ:
-            address, length, ids = p2.parse_sync_read(params)
+        # sync and bulk instructions differ only in how they list (id, address, length / data)
+        if inst in (Instruction.SYNC_READ, Instruction.BULK_READ):
+            if inst == Instruction.SYNC_READ:
+                address, length, ids = p2.parse_sync_read(params)
+                blocks = [(dxl_id, address, length) for dxl_id in ids]
+            else:
+                blocks = p2.parse_bulk_read(params)
             out = []
-            for dxl_id in ids:
-                s = by_id.get(dxl_id)
-                entry.reads[dxl_id] = (address, length)
-                if s is not None:
-                    error, data = s.read(address, length)
-                    out += answer(s, error, data, read=True)
-            return out
-
-        if inst == Instruction.SYNC_WRITE:
-            address, _, blocks = p2.parse_sync_write(params)
-            for dxl_id, data in blocks.items():
-                entry.writes[dxl_id] = (address, data)
-                s = by_id.get(dxl_id)
-                if s is not None:
-                    error, changes = s.check_write(address, data)
-                    if not error:
-                        s.apply(changes, now)
-            return []
-
-        if inst == Instruction.BULK_READ:
-            out = []
-            for dxl_id, address, length in p2.parse_bulk_read(params):
+            for dxl_id, address, length in blocks:
                 entry.reads[dxl_id] = (address, length)
                 s = by_id.get(dxl_id)
                 if s is not None:
@@ -949,8 +933,13 @@ class DynamixelBusEmulator:
                     out += answer(s, error, data, read=True)
             return out
 
-        if inst == Instruction.BULK_WRITE:
-            for dxl_id, address, data in p2.parse_bulk_write(params):
+        if inst in (Instruction.SYNC_WRITE, Instruction.BULK_WRITE):
+            if inst == Instruction.SYNC_WRITE:
+                address, _, by_servo = p2.parse_sync_write(params)
+                blocks = [(dxl_id, address, data) for dxl_id, data in by_servo.items()]
+            else:
+                blocks = p2.parse_bulk_write(params)
+            for dxl_id, address, data in blocks:
                 entry.writes[dxl_id] = (address, data)
                 s = by_id.get(dxl_id)
                 if s is not None:
