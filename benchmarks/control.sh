@@ -5,10 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RTDP=${RTDP:-.venv/bin/rtdp}
 R=benchmarks/results
-CK=rtdp/assets/checkpoints/pusht/checkpoint
+CK=rtdp/assets/checkpoints/pusht_edm/checkpoint     # edm-3: ~20 ms per chunk, far below the 800 ms chunk
+SLOW=rtdp/assets/checkpoints/pusht/checkpoint       # ddpm-100: ~400 ms per chunk on 2 cores
 mkdir -p "$R"
 
-# 1. PushT, the shipped DDPM-100 policy: synchronous evaluation, then the same checkpoint in real time
+# 1. PushT, the shipped EDM policy: synchronous evaluation, then the same checkpoint in real time
 #    at 10 Hz through the sim driver (environment in its own process, on the wall clock)
 $RTDP eval checkpoint=$CK episodes=50 video=false json=$R/control_pusht_sync.json out=outputs/control_sync
 $RTDP control checkpoint=$CK driver=sim episodes=50 seam=switch live=false \
@@ -34,3 +35,10 @@ $RTDP control size=dp_lowdim family=edm sampler=edm steps=3 driver=dynamixel por
     json=$R/control_50hz_10min.json out=outputs/control_50hz_10min
 cp outputs/control_50hz_10min/timing.png $R/control_50hz_10min.png
 cp outputs/control_switch/timing.png $R/control_pusht_switch.png
+
+# 5. The slow DDPM-100 policy in real time: ~0.4 s between observation and action
+$RTDP control checkpoint=$SLOW driver=sim episodes=20 seam=switch live=false \
+    json=$R/control_pusht_ddpm_switch.json out=outputs/control_ddpm_switch
+$RTDP control checkpoint=$SLOW driver=sim episodes=20 seam=rtc overlap=2 live=false \
+    json=$R/control_pusht_ddpm_rtc.json out=outputs/control_ddpm_rtc
+

@@ -103,7 +103,9 @@ class LiveView:
         t = Table(title=self.title, show_header=True)
         for col in ("cycles", "rate Hz", "late p99 ms", "misses", "infer p50/p99 ms", "dropped", "idle", "safety"):
             t.add_column(col)
-        rate = (lp.cycles - 1) / max(late.size and (lp.start_times()[-1] - lp.start_times()[0]), 1e-9) if lp.cycles > 1 else 0.0
+        starts = lp.start_times()
+        span = float(starts[-1] - starts[0]) if starts.size > 1 else 0.0
+        rate = (starts.size - 1) / span if span > 0 else 0.0
         t.add_row(str(lp.cycles), f"{rate:.1f}", f"{np.percentile(late, 99):.2f}" if late.size else "-",
                   str(lp.misses), f"{np.median(lat):.0f}/{np.percentile(lat, 99):.0f}" if lat else "-",
                   str(ctl.dropped_total + ctl.scheduler.dropped), str(ctl.episode.idle_cycles),
@@ -259,6 +261,7 @@ def run_control(cfg) -> dict[str, Any]:
     safety_events: dict[str, int] = {}
     seam_stats = []
     dropped = 0
+    driver_stats: dict[str, Any] = {}
     try:
         with driver:
             rate = float(cfg.rate_hz or getattr(driver, "rate_hz", 50.0))
@@ -311,6 +314,7 @@ def run_control(cfg) -> dict[str, Any]:
                                   f"score={ep.score:.3f} cycles={ep.cycles}", file=sys.stderr)
                 dropped = ctl.dropped_total
                 safety_events = ctl.safety.counts()
+                driver_stats = dict(getattr(driver, "stats", {}) or {})
     except DeviceDisconnectedError as exc:
         attempts = getattr(driver, "torque_off_log", None)
         if attempts is not None:
@@ -349,6 +353,7 @@ def run_control(cfg) -> dict[str, Any]:
         "seam_step_mean": float(np.mean([s["step_mean_seam"] for s in seam_stats])) if seam_stats else 0.0,
         "inside_step_mean": float(np.mean([s["step_mean_inside"] for s in seam_stats])) if seam_stats else 0.0,
         "threads": int(cfg.threads),
+        "driver_stats": driver_stats,
     }
     if cfg.driver == "sim":
         n_ok = sum(e["success"] for e in rec.episodes)
