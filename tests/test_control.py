@@ -309,3 +309,26 @@ def test_a_chunk_that_arrives_after_all_its_intervals_is_dropped_whole():
     sch = ActionScheduler(DT, "switch")
     sch.add(np.zeros((8, 2)), t_obs=0.0, now=2.0)
     assert sch.dropped == 8 and sch.next_action(2.0) is None
+
+
+def test_realtime_priority_is_restored_and_reported():
+    import os
+
+    from rtdp.controllers.loop import realtime_priority
+
+    before = os.sched_getscheduler(0)
+    with realtime_priority(10) as rt:
+        assert rt.applied.startswith("SCHED_FIFO") or rt.applied.startswith("normal (")
+        if rt.applied.startswith("SCHED_FIFO"):
+            assert os.sched_getscheduler(0) == os.SCHED_FIFO
+    assert os.sched_getscheduler(0) == before
+    with realtime_priority(0) as rt:
+        assert rt.applied == "normal"
+    with pytest.raises(ConfigError):
+        realtime_priority(120)
+
+
+def test_committed_actions_leave_out_the_reserve():
+    sch = ActionScheduler(DT, "rtc")
+    sch.add(np.arange(15, dtype=float)[:, None] * np.ones((1, 2)), 0.0, 0.0, n_exec=8)
+    assert sch.committed(0.5, 15)[:, 0].tolist() == [5.0, 6.0, 7.0]  # 8..14 are a fallback only

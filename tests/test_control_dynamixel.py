@@ -6,6 +6,7 @@ packet, so these tests check what actually reached the bus.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -146,3 +147,6 @@ def test_a_closed_port_mid_motion_exits_nonzero_with_a_clear_message(tmp_path):
         err = proc.stderr.read()
     assert rc == 2, err
     assert "rtdp control: error:" in err and "torque-off attempted on servos [1, 2, 3]" in err, err
+    # what was measured before the cable was pulled is kept
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert "torque-off attempted" in report["error"] and report["cycles"] > 0

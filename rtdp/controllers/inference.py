@@ -303,6 +303,9 @@ class ThreadWorker(_WorkerBase):
         self._result = None
 
         def work() -> None:
+            # a thread inherits its creator's scheduling; a real-time loop's worker must not
+            if hasattr(os, "sched_setscheduler") and os.sched_getscheduler(0) != os.SCHED_OTHER:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
             try:
                 self._result = _predict(self.runner, obs, inpaint)
             except BaseException as exc:  # handed to the loop thread

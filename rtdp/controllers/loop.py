@@ -156,3 +156,52 @@ class RateLoop:
             work_ms_p50=q(work, 50), work_ms_p99=q(work, 99),
             utilisation=float(work.sum() / 1e3 / duration),
         )
+
+
+class realtime_priority:
+    """Run the calling thread under ``SCHED_FIFO`` at ``priority`` while inside the block.
+
+    On Linux's default scheduler a niced CPU hog (the inference worker) can
+    still delay a waking thread by a whole scheduler slice (~3 ms): nice
+    changes a task's share of the CPU, not how fast others get it back. A
+    real-time priority makes the loop preempt the worker the moment its sleep
+    ends. Needs CAP_SYS_NICE (root, or an rtprio limit); without it the loop
+    runs at normal priority and ``applied`` says why.
+
+    Child processes must be started before entering the block: they would
+    inherit the policy.
+
+    Args:
+        priority: 1..99; 0 leaves scheduling alone.
+    """
+
+    def __init__(self, priority: int) -> None:
+        if not 0 <= int(priority) <= 99:
+            raise ConfigError(f"rt_priority must be in 0..99, got {priority!r}")
+        self.priority = int(priority)
+        self.applied = "normal"
+        self._old: tuple[int, int] | None = None
+
+    def __enter__(self) -> "realtime_priority":
+        import os
+
+        if self.priority == 0:
+            return self
+        if not hasattr(os, "sched_setscheduler"):
+            self.applied = "normal (no SCHED_FIFO on this platform)"
+            return self
+        try:
+            self._old = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.priority))
+            self.applied = f"SCHED_FIFO {self.priority}"
+        except (PermissionError, OSError) as exc:
+            self._old = None
+            self.applied = f"normal (SCHED_FIFO not permitted: {exc})"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+
+        if self._old is not None:
+            os.sched_setscheduler(0, self._old[0], os.sched_param(self._old[1]))
+            self._old = None

@@ -124,11 +124,11 @@ class ActionScheduler:
         self.chunks.append(chunk)
         return chunk
 
-    def _covering(self, t: float) -> list[tuple[Chunk, int]]:
+    def _covering(self, t: float, exec_only: bool = False) -> list[tuple[Chunk, int]]:
         out = []
         for c in self.chunks:
             k = c.index_at(t, self.dt)
-            if 0 <= k < len(c.actions):
+            if 0 <= k < (c.n_exec if exec_only else len(c.actions)):
                 out.append((c, k))
         return out
 
@@ -142,19 +142,22 @@ class ActionScheduler:
     def committed(self, t_obs: float, n: int) -> np.ndarray:
         """The plan's actions for the first ``n`` intervals of a chunk observed at ``t_obs``.
 
+        Only actions the plan means to execute count; a chunk's reserve beyond
+        its ``n_exec`` actions is a fallback, not a commitment.
+
         Returns:
             (K, D) with K <= n: the leading intervals the current plan covers.
         """
         out = []
         for k in range(n):
-            a = self._value_at(t_obs + (k + 0.5) * self.dt)
+            a = self._value_at(t_obs + (k + 0.5) * self.dt, exec_only=True)
             if a is None:
                 break
             out.append(a)
         return np.stack(out) if out else np.zeros((0, 0))
 
-    def _value_at(self, t: float) -> np.ndarray | None:
-        cover = self._covering(t)
+    def _value_at(self, t: float, exec_only: bool = False) -> np.ndarray | None:
+        cover = self._covering(t, exec_only)
         if not cover:
             return None
         if self.seam != "ensemble" or len(cover) == 1:

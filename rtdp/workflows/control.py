@@ -136,8 +136,11 @@ def _make_dynamixel(cfg):
     ids = [int(i) for i in cfg.motors]
     cleanup, port = None, str(cfg.port)
     if port == "emulator":
+        # the emulator stands in for hardware, which never waits for the CPU: above the loop's priority
+        rt = int(cfg.rt_priority) + 1 if int(cfg.rt_priority) > 0 else 0
         proc = subprocess.Popen([sys.executable, "-m", "rtdp.controllers.emulator.dynamixel",
-                                 "--motors", ",".join(map(str, ids)), "--model", str(cfg.model)],
+                                 "--motors", ",".join(map(str, ids)), "--model", str(cfg.model),
+                                 "--rt-priority", str(rt)],
                                 stdout=subprocess.PIPE, text=True)
         port = (proc.stdout.readline() or "").strip()
         if not port:
@@ -232,7 +235,7 @@ def run_control(cfg) -> dict[str, Any]:
     """Run ``rtdp control`` and return its report."""
     from rtdp.controllers.clock import MonotonicClock
     from rtdp.controllers.controller import Controller
-    from rtdp.controllers.loop import RateLoop
+    from rtdp.controllers.loop import RateLoop, realtime_priority
     from rtdp.controllers.schedule import SEAMS
     from rtdp.workflows.metrics import wilson_interval
     from rtdp.workflows.report import print_table
@@ -262,6 +265,10 @@ def run_control(cfg) -> dict[str, Any]:
     seam_stats = []
     dropped = 0
     driver_stats: dict[str, Any] = {}
+    rt_applied = "normal"
+    error: RtdpError | None = None
+    ctl, t0, warm, chunk_s = None, 0.0, [0.0], 0.0
+    rate = float(cfg.rate_hz or 50.0)
     try:
         with driver:
             rate = float(cfg.rate_hz or getattr(driver, "rate_hz", 50.0))
@@ -287,8 +294,9 @@ def run_control(cfg) -> dict[str, Any]:
             live_on = sys.stdout.isatty() if cfg.live is None else bool(cfg.live)
             title = f"rtdp control  {cfg.driver}  {rate:g} Hz  {cfg.worker} worker  seam={cfg.seam}"
             t_begin = clock.now()
-            with LiveView(live_on, title) as view:
-                ctl = None
+            # real-time priority for the loop thread only: the simulator, emulator and worker started above
+            rt = realtime_priority(int(cfg.rt_priority))
+            with LiveView(live_on, title) as view, rt:
                 for n, seed in enumerate(seeds):
                     if n > 0:
                         first = driver.reset(seed)
@@ -315,14 +323,22 @@ def run_control(cfg) -> dict[str, Any]:
                 dropped = ctl.dropped_total
                 safety_events = ctl.safety.counts()
                 driver_stats = dict(getattr(driver, "stats", {}) or {})
+            rt_applied = rt.applied
     except DeviceDisconnectedError as exc:
+        # the robot went away mid-run: release it (done by the with block), keep what was measured
         attempts = getattr(driver, "torque_off_log", None)
         if attempts is not None:
             ids = sorted({i for i, _, _ in attempts})
             ok = sorted({i for i, good, _ in attempts if good})
-            raise DeviceDisconnectedError(f"{exc}; the run stopped; torque-off attempted on servos {ids} "
-                                          f"(confirmed on {ok or 'none'})") from None
-        raise DeviceDisconnectedError(f"{exc}; the run stopped and the robot was released") from None
+            error = DeviceDisconnectedError(f"{exc}; the run stopped; torque-off attempted on servos {ids} "
+                                            f"(confirmed on {ok or 'none'})")
+        else:
+            error = DeviceDisconnectedError(f"{exc}; the run stopped and the robot was released")
+        if ctl is not None and ctl.loop.cycles:
+            rec.add(ctl.loop, ctl.episode, t0)
+            dropped = ctl.dropped_total + ctl.scheduler.dropped
+            safety_events = ctl.safety.counts()
+            driver_stats = dict(getattr(driver, "stats", {}) or {})
     finally:
         if worker is not None:
             worker.close()
@@ -354,7 +370,10 @@ def run_control(cfg) -> dict[str, Any]:
         "inside_step_mean": float(np.mean([s["step_mean_inside"] for s in seam_stats])) if seam_stats else 0.0,
         "threads": int(cfg.threads),
         "driver_stats": driver_stats,
+        "scheduling": rt_applied,
     }
+    if error is not None:
+        report["error"] = str(error)
     if cfg.driver == "sim":
         n_ok = sum(e["success"] for e in rec.episodes)
         report.update(episodes=len(rec.episodes), success_rate=n_ok / max(len(rec.episodes), 1),
@@ -367,6 +386,7 @@ def run_control(cfg) -> dict[str, Any]:
         Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.json).write_text(json.dumps(report, indent=2))
     rows = [("driver", f"{cfg.driver} at {rate:g} Hz, {cfg.worker} worker, seam {cfg.seam}"),
+            ("loop scheduling", rt_applied),
             ("cycles / misses", f"{rec.cycles} / {rec.misses}"),
             ("period error p50 / p99 / max", f"{report['period_error_ms_p50']:.3f} / {report['period_error_ms_p99']:.3f} / "
                                              f"{report['period_error_ms_max']:.3f} ms"),
@@ -381,6 +401,8 @@ def run_control(cfg) -> dict[str, Any]:
                                 f"mean score {report['mean_score']:.3f}"))
     rows.append(("report", f"{out / 'report.json'}, {plot}"))
     print_table("rtdp control", rows)
+    if error is not None:
+        raise error
     return report
 
 

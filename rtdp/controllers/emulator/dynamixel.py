@@ -999,6 +999,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drop-reply", type=float, default=0.0, help="probability of a dropped reply")
     parser.add_argument("--late-reply", type=float, default=0.0, help="probability of a reply after the SDK timeout")
     parser.add_argument("--garbage", type=float, default=0.0, help="probability of garbage bytes before a reply")
+    parser.add_argument("--rt-priority", type=int, default=0,
+                        help="serve under SCHED_FIFO at this priority (real servos are not on the CPU; "
+                             "an emulator that waits for the scheduler would make a real-time loop look late)")
     args = parser.parse_args(argv)
     try:
         ids = _parse_ids(args.motors)
@@ -1015,7 +1018,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    with emu:
+    from rtdp.controllers.loop import realtime_priority
+
+    rt = realtime_priority(max(0, min(99, args.rt_priority)))
+    with rt, emu:  # the serving thread inherits the priority
         print(emu.port, flush=True)
         while not done.is_set() and emu.running:
             done.wait(0.2)
