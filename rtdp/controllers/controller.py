@@ -85,16 +85,22 @@ class Controller:
         self.scheduler = ActionScheduler(self.dt, seam)
         self.safety = SafetyLayer(driver.limits, watchdog_s)
         self.on_cycle = on_cycle
-        self._latencies: deque[float] = deque([latency_s] if latency_s else [], maxlen=50)
+        self._latencies: deque[float] = deque(maxlen=50)
+        self._estimate = self.dt  # until a latency is known
+        if latency_s:
+            self._add_latency(latency_s)
         self.dropped_total = 0
         self.episode = EpisodeLog()
         self.history: deque[dict[str, np.ndarray]] = deque(maxlen=self.n_obs_steps)
 
     def latency_estimate(self) -> float:
         """Inference latency the submit decision plans for: p99 of recent compute times, +20 % and 2 ms."""
-        if not self._latencies:
-            return self.dt
-        return 1.2 * float(np.percentile(np.asarray(self._latencies), 99)) + 0.002
+        return self._estimate
+
+    def _add_latency(self, seconds: float) -> None:
+        # the estimate changes only when a chunk arrives, so it is computed then, not every cycle
+        self._latencies.append(seconds)
+        self._estimate = 1.2 * float(np.percentile(np.asarray(self._latencies), 99)) + 0.002
 
     def lead(self) -> int:
         """Intervals the plan must still cover when the next request goes out."""
@@ -149,7 +155,7 @@ class Controller:
             res = self.worker.poll()
             if res is not None:
                 self.scheduler.add(res.actions, res.t_obs, now, self.worker.n_action_steps)
-                self._latencies.append(res.compute_s or res.latency_s)
+                self._add_latency(res.compute_s or res.latency_s)
                 ep.inference_ms.append((res.compute_s or res.latency_s) * 1e3)
                 ep.wait_ms.append(res.latency_s * 1e3)
                 ep.inference_t.append(res.t_done - t_run)
