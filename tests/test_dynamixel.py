@@ -26,6 +26,7 @@ from rtdp.controllers.drivers.dynamixel import (  # noqa: E402  (after the skip:
     RAD_PER_TICK,
     RAD_S_PER_VELOCITY_UNIT,
     DynamixelDriver,
+    _sleeping_port_handler,
     load_calibration,
     make_dynamixel_driver,
     write_calibration,
@@ -345,10 +346,12 @@ def test_connect_configures_servos_and_close_turns_torque_off(make_emu):
     drv = driver(emu, watchdog_ms=100)
     with pytest.raises(DeviceNotConnectedError):
         drv.read()
+    assert emu.motor(1).value("return_delay_time") == 250  # the factory 500 us
     drv.connect()
     for i, (name, c) in zip(IDS, CAL.items()):
         s = emu.motor(i)
         assert s.torque_enabled and s.bus_watchdog == 5  # 100 ms in 20 ms units
+        assert s.value("return_delay_time") == 0  # answer at once: a sync read is not N x 500 us longer
         assert s.value("min_position_limit") == c["range_min"] and s.value("max_position_limit") == c["range_max"]
         assert s.value("homing_offset") == c["homing_offset"] and s.value("operating_mode") == 3
     r = drv.read()
@@ -505,6 +508,25 @@ def test_reads_are_never_stale_under_crc_errors_and_dropped_replies(make_emu):
     assert drv.stats["read_retries"] >= 10  # the faults hit reads and were retried
     assert stats["checked"] + raised == 300 and raised <= 3
     assert stats["changed"] >= 0.9 * stats["checked"]  # the motion makes stale readings detectable
+
+
+def test_port_sleeps_while_waiting_for_a_reply(make_emu):
+    # The SDK's own handler polls a timeout-0 port; ours waits in select, so a bus
+    # transaction leaves the core to the inference worker and the (emulated) servos.
+    emu = make_emu({1: "xl330-m288"})
+    port = _sleeping_port_handler(sdk)(emu.port)
+    assert port.openPort() and port.setBaudRate(1_000_000)
+    ph = sdk.PacketHandler(2.0)
+    try:
+        assert ph.ping(port, 1)[1:] == (0, 0)  # answered: model number, COMM_SUCCESS, no error
+        wall, cpu = time.monotonic(), time.thread_time()
+        results = [ph.ping(port, 42)[1] for _ in range(5)]  # nobody answers: the SDK's packet timeout
+        wall, cpu = time.monotonic() - wall, time.thread_time() - cpu
+    finally:
+        port.closePort()
+    assert results == [sdk.COMM_RX_TIMEOUT] * 5
+    assert wall > 5 * 0.02  # the timeouts were waited out ...
+    assert cpu < 0.2 * wall  # ... asleep, not spinning
 
 
 def test_reads_are_never_stale_with_late_replies(make_emu):

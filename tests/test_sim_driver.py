@@ -64,6 +64,12 @@ def _control_cfg(**over):
     return compose("control", [f"{k}={v}" for k, v in over.items()])
 
 
+def _cpus() -> list[int]:
+    import os
+
+    return sorted(os.sched_getaffinity(0))
+
+
 def test_rtdp_control_on_the_sim_driver_writes_the_report(tmp_path):
     from rtdp.workflows.control import run_control
 
@@ -89,8 +95,40 @@ def test_rtdp_control_on_the_sim_driver_writes_the_report(tmp_path):
 def test_rtdp_control_rejects_bad_configurations(tmp_path, over, match):
     from rtdp.workflows.control import run_control
 
+    before = _cpus()
     with pytest.raises((ConfigError, UnknownNameError), match=match):
         run_control(_control_cfg(checkpoint=str(CKPT), out=str(tmp_path), **over))
+    assert _cpus() == before  # a run that fails to start leaves this process's CPUs as they were
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"worker_cpus": "[4096]"}, "subset of this process's CPUs"),
+    ({"worker": "thread", "worker_cpus": "[0]"}, "needs worker=process"),
+    ({"worker_cpus": "[a]"}, "list of CPU numbers"),
+])
+def test_rtdp_control_rejects_bad_worker_cpus(tmp_path, over, match):
+    from rtdp.workflows.control import run_control
+
+    with pytest.raises(ConfigError, match=match):
+        run_control(_control_cfg(checkpoint=str(CKPT), out=str(tmp_path), **over))
+
+
+@pytest.mark.skipif(len(_cpus()) < 2, reason="pinning needs two CPUs")
+def test_worker_cpus_pin_the_worker_and_leave_the_loop_the_rest(tmp_path):
+    from rtdp.workflows.control import run_control
+
+    before = _cpus()
+    every = "[" + ",".join(map(str, before)) + "]"
+    with pytest.raises(ConfigError, match="no CPU for the control loop"):
+        run_control(_control_cfg(checkpoint=str(CKPT), out=str(tmp_path), worker_cpus=every, threads=1))
+    with pytest.raises(ConfigError, match="exceeds"):
+        run_control(_control_cfg(checkpoint=str(CKPT), out=str(tmp_path), worker_cpus=f"[{before[-1]}]", threads=2))
+    # the default (auto): the worker on every CPU but the first, the loop (and the simulator) on the first
+    report = run_control(_control_cfg(checkpoint=str(CKPT), episodes=1, duration_s=1.5, out=str(tmp_path),
+                                      live="false", threads=4))
+    assert report["worker_cpus"] == before[1:] and report["loop_cpus"] == before[:1]
+    assert report["threads"] == len(before) - 1  # capped to the worker's CPUs
+    assert _cpus() == before  # restored when the run ends
 
 
 def test_rtdp_control_needs_a_policy(tmp_path):

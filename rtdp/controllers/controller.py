@@ -92,6 +92,31 @@ class Controller:
         self.dropped_total = 0
         self.episode = EpisodeLog()
         self.history: deque[dict[str, np.ndarray]] = deque(maxlen=self.n_obs_steps)
+        # where each cycle's time went (read, worker poll + submit, safety + write), over the whole run;
+        # preallocated like the loop's own records
+        self._phases = np.zeros((loop.max_record, 3))
+        self._phase_t = np.zeros(loop.max_record)
+        self._n_phases = 0
+
+    PHASES = ("read", "infer_io", "write")
+
+    def cycle_breakdown(self, top: int = 10) -> dict:
+        """Per-phase cycle times (ms) of the run so far: p50/p99/max of each phase, and the
+        ``top`` slowest cycles (``t_s`` since the first cycle) with their phases, so an overrun can be traced to what caused it."""
+        n = min(self._n_phases, len(self._phases))
+        ph = self._phases[:n] * 1e3
+        out: dict = {}
+        for j, name in enumerate(self.PHASES):
+            col = ph[:, j]
+            out[name] = {"p50": float(np.percentile(col, 50)) if n else 0.0,
+                         "p99": float(np.percentile(col, 99)) if n else 0.0,
+                         "max": float(col.max()) if n else 0.0}
+        total = ph.sum(axis=1)
+        worst = np.argsort(total)[::-1][:top]
+        t0 = self._phase_t[0] if n else 0.0
+        out["slowest"] = [{"t_s": float(self._phase_t[i] - t0), "total": float(total[i]),
+                           **{name: float(ph[i, j]) for j, name in enumerate(self.PHASES)}} for i in worst]
+        return out
 
     def latency_estimate(self) -> float:
         """Inference latency the submit decision plans for: p99 of recent compute times, +20 % and 2 ms."""
@@ -131,24 +156,28 @@ class Controller:
         self.scheduler.reset()
         self.worker.reset()
         self.history.clear()
+        # Python's cyclic garbage collector pauses the process for a few ms whenever it scans
+        # the long-lived heap (torch's modules alone are ~10^5 objects); freezing what exists now
+        # takes it out of every later scan, so the loop only pays for what it allocates itself.
+        # Done before the first read: the collection itself takes ~0.1 s, a silence that trips
+        # a servo bus watchdog, which the read then clears outside the loop
+        gc.collect()
+        gc.freeze()
         reading = first if first is not None else self.driver.read()
         for _ in range(self.n_obs_steps):
             self.history.append(reading.obs)
         self.safety.reset(None, self.clock.now())
-        # Python's cyclic garbage collector pauses the process for a few ms whenever it scans
-        # the long-lived heap (torch's modules alone are ~10^5 objects); freezing what exists now
-        # takes it out of every later scan, so the loop only pays for what it allocates itself
-        gc.collect()
-        gc.freeze()
         t_run = self.clock.now()
         seen_t = reading.t
         # a robot with its own step clock (the simulator) is read half a period after it steps,
         # so a reading is never taken in a race with the step that replaces it
         phase = getattr(self.driver, "loop_phase", None)
         start_at = None if phase is None else reading.t + float(phase) * self.dt
+        phases, phase_t = self._phases, self._phase_t
         for tick in self.loop.run(max_cycles=max_cycles, duration_s=duration_s, start_at=start_at):
             now = self.clock.now()
             reading = self.driver.read()
+            t_read = self.clock.now()
             if reading.t != seen_t:  # a new observation; the same one twice is not history
                 self.history.append(reading.obs)
                 seen_t = reading.t
@@ -162,6 +191,7 @@ class Controller:
                 ep.chunks += 1
             if not self.worker.busy and self.scheduler.remaining(now) <= self.lead():
                 self._submit(reading.t)
+            t_io = self.clock.now()
             action = self.scheduler.next_action(now)
             if action is None:
                 if ep.chunks == 0:
@@ -178,6 +208,12 @@ class Controller:
                 break
             if cmd.action is not None:
                 self.driver.write(cmd.action)
+            i = self._n_phases
+            if i < len(phases):
+                end = self.clock.now()
+                phases[i, 0], phases[i, 1], phases[i, 2] = t_read - now, t_io - t_read, end - t_io
+                phase_t[i] = now
+            self._n_phases = i + 1
             ep.cycles += 1
             ep.score = max(ep.score, float(reading.info.get("score", 0.0)))
             ep.success = ep.success or bool(reading.info.get("is_success", False))

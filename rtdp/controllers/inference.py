@@ -51,6 +51,7 @@ class PolicySpec:
         seed: sampling-noise seed.
         threads: torch threads of the worker.
         nice: scheduling-priority increment of the worker process (process worker only).
+        cpus: CPUs the worker process is pinned to (process worker only; None: any).
     """
 
     checkpoint: str | None = None
@@ -66,6 +67,7 @@ class PolicySpec:
     seed: int = 0
     threads: int = 2
     nice: int = 10
+    cpus: tuple[int, ...] | None = None
 
 
 def fresh_policy(spec: PolicySpec):
@@ -151,6 +153,9 @@ def _predict(runner, obs: dict[str, np.ndarray], inpaint) -> tuple[np.ndarray, i
 
 def _worker_main(spec_dict: dict[str, Any], conn) -> None:
     """Body of the worker process: build the runner, then answer requests until told to stop."""
+    if spec_dict.get("cpus"):
+        # before torch starts its thread pool, which inherits the mask
+        os.sched_setaffinity(0, set(spec_dict["cpus"]))
     import torch
 
     try:
@@ -278,6 +283,11 @@ class ProcessWorker(_WorkerBase):
     def reset(self) -> None:
         """New episode (clears streaming buffers in the worker)."""
         self._conn.send(("reset",))
+
+    @property
+    def pid(self) -> int:
+        """Process id of the worker."""
+        return int(self._proc.pid)
 
     def close(self) -> None:
         stop_process(self._conn, self._proc, ("stop",))

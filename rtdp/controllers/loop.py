@@ -81,6 +81,7 @@ class RateLoop:
         self.rate_hz = float(rate_hz)
         self.period = 1.0 / self.rate_hz
         self.clock = clock if clock is not None else MonotonicClock()
+        self.max_record = int(max_record)
         # preallocated, so recording a cycle never allocates inside the loop
         self._lateness = np.zeros(max_record)
         self._work = np.zeros(max_record)

@@ -17,7 +17,7 @@ import copy
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -396,7 +396,8 @@ class DiffusionUnetPolicy(nn.Module):
         return self.alphas_cumprod.device
 
     def with_network(self, precision: str | None = None, *, deepcache: int | None = None,
-                     deepcache_branch: int = 1) -> "DiffusionUnetPolicy":
+                     deepcache_branch: int = 1,
+                     cache_schedule: Mapping[str, Iterable[int]] | None = None) -> "DiffusionUnetPolicy":
         """This policy with its network in an inference form: packed weights and/or DeepCache.
 
         Args:
@@ -406,6 +407,9 @@ class DiffusionUnetPolicy(nn.Module):
                 ``deepcache`` network calls (``rtdp.core.cache``); None: off. The
                 cache restarts with every chunk (``Runner`` resets it).
             deepcache_branch: U-Net level whose skip feature the shallow path still computes.
+            cache_schedule: ``{module name: network calls at which it runs}`` for
+                any other caching schedule (block-wise caching, ``rtdp.core.bac``);
+                not together with ``deepcache``.
 
         Returns:
             this policy itself when both are off; otherwise an inference-only
@@ -417,9 +421,13 @@ class DiffusionUnetPolicy(nn.Module):
             ConfigError: unknown precision, one this CPU cannot run, or a
                 network without DeepCache support.
         """
-        if precision is None and deepcache is None:
+        if precision is None and deepcache is None and cache_schedule is None:
             return self
-        key = (precision, deepcache, deepcache_branch)
+        if deepcache is not None and cache_schedule is not None:
+            raise ConfigError("give deepcache or cache_schedule, not both: each names the modules it caches")
+        sched_key = None if cache_schedule is None else tuple(
+            sorted((str(n), tuple(sorted(int(s) for s in v))) for n, v in cache_schedule.items()))
+        key = (precision, deepcache, deepcache_branch, sched_key)
         version = tuple((id(p), p._version) for p in self.model.parameters())
         views = self.__dict__.setdefault("_fast_views", {})
         hit = views.get(key)
@@ -432,6 +440,9 @@ class DiffusionUnetPolicy(nn.Module):
             deep = self.model.deepcache_modules(deepcache_branch)
             net = CachedNetwork(net if precision is not None else copy.deepcopy(self.model).eval(),
                                 deepcache_schedule(deep, 2 * self.config.num_train_timesteps + 1, deepcache))
+        elif cache_schedule is not None:
+            net = CachedNetwork(net if precision is not None else copy.deepcopy(self.model).eval(),
+                                {n: set(v) for n, v in sched_key})
         view = copy.copy(self)  # new __dict__, shared tensors
         view._modules = dict(self._modules)
         view._modules["model"] = net

@@ -34,6 +34,53 @@ def known_samplers() -> list[str]:
     return sorted(SAMPLERS) + list(POLICY_SAMPLERS)
 
 
+def calls_per_chunk(sampler: str, steps: int) -> int:
+    """Network calls one chunk makes with a sampler at ``steps`` (Heun evaluates twice per step but the last)."""
+    return 2 * int(steps) - 1 if sampler == "heun" else int(steps)
+
+
+def parse_cache(cache: str) -> tuple[str, int]:
+    """``"bac10"`` -> ``("bac", 10)``; ``"uniform10"`` -> ``("uniform", 10)``."""
+    text = str(cache)
+    for mode in ("bac", "uniform"):
+        if text.startswith(mode) and text[len(mode):].isdigit() and int(text[len(mode):]) >= 1:
+            return mode, int(text[len(mode):])
+    raise ConfigError(f"cache must be bac<M> or uniform<M> (M update steps per block and chunk, >= 1), got {cache!r}")
+
+
+def _block_cache_schedule(policy, sampler: str, steps: int, cache: str, calibration, deepcache) -> dict:
+    """The ``{block: update calls}`` schedule a ``cache=`` option asks for, checked against the setting."""
+    mode, budget = parse_cache(cache)
+    if deepcache is not None:
+        raise ConfigError("block-wise caching and DeepCache both cache the network: give one of cache / deepcache")
+    if sampler in ("stream", "cm"):
+        raise ConfigError(f"block-wise caching reuses features between the steps of one chunk; sampler {sampler!r} "
+                          f"makes 1-3 calls per observation, so there is nothing to reuse")
+    blocks_of = getattr(policy.model, "cache_blocks", None)
+    if blocks_of is None:
+        raise ConfigError(f"cache={cache} caches transformer blocks; {type(policy.model).__name__} has none "
+                          f"(the U-Net's feature cache is deepcache=N)")
+    n_calls = calls_per_chunk(sampler, steps)
+    if budget > n_calls:
+        raise ConfigError(f"cache={cache}: {budget} updates per chunk but {sampler}-{steps} makes only {n_calls} calls")
+    if mode == "uniform":
+        from rtdp.core.bac import uniform_steps
+
+        ups = set(uniform_steps(n_calls, budget))
+        return {b.name: set(ups) for b in blocks_of()}
+    setting = f"{sampler}-{steps}"
+    if calibration is None:
+        raise ConfigError(f"cache={cache} needs the BAC calibration of {setting} (rtdp.workflows.calibrate; "
+                          f"rtdp bench makes one beside the checkpoint)")
+    if calibration.setting != setting or calibration.n_steps != n_calls:
+        raise ConfigError(f"the BAC calibration is for {calibration.setting} ({calibration.n_steps} calls), "
+                          f"not {setting} ({n_calls} calls): calibrate this setting")
+    names = {b.name for b in blocks_of()}
+    if {b.name for b in calibration.blocks} != names:
+        raise ConfigError("the BAC calibration names other blocks than this network has: calibrate it again")
+    return calibration.schedule(budget)
+
+
 class Runner:
     """A policy plus an inference setting.
 
@@ -46,6 +93,11 @@ class Runner:
             U-Net (``"fp32"``, ``"bf16"``, ``"int8"``, ``"int8dyn"``; see ``rtdp.core.fastnet``).
         deepcache: DeepCache interval (U-Net deep features recomputed every
             ``deepcache`` network calls within a chunk); None: off.
+        cache: block-wise caching of a transformer policy, ``"bac<M>"`` (BAC's
+            schedule, M update steps per block and chunk) or ``"uniform<M>"``
+            (every block at the same M evenly spaced steps); None: off.
+        calibration: the ``rtdp.core.bac.BacCalibration`` of this sampler
+            setting, which ``cache="bac<M>"`` needs.
         options: extra keyword arguments of ``predict_action_chunk`` (e.g. ``guidance_scale``).
 
     Raises:
@@ -54,7 +106,8 @@ class Runner:
     """
 
     def __init__(self, policy, sampler: str | None = None, steps: int | None = None, *, seed: int = 0,
-                 precision: str | None = None, deepcache: int | None = None, **options: Any) -> None:
+                 precision: str | None = None, deepcache: int | None = None, cache: str | None = None,
+                 calibration: Any = None, **options: Any) -> None:
         from rtdp.policies.consistency import ConsistencyUnetPolicy
         from rtdp.policies.edm_unet import EdmUnetPolicy
         from rtdp.policies.streaming import StreamingPolicy
@@ -93,16 +146,20 @@ class Runner:
         self.name = name
         self.precision = precision
         self.deepcache = deepcache
-        policy = self.policy = policy.with_network(precision, deepcache=deepcache)
+        self.cache = cache
         self.steps = policy.config.num_inference_steps if steps is None else steps
+        if name != "stream":
+            self.steps = policy._check_steps(self.steps)
+        schedule = None
+        if cache is not None:
+            schedule = _block_cache_schedule(policy, name, self.steps, cache, calibration, deepcache)
+        policy = self.policy = policy.with_network(precision, deepcache=deepcache, cache_schedule=schedule)
         self.stream = None
         if name == "stream":
             self.stream = StreamingPolicy(policy, self.steps)
-        else:
-            self.steps = policy._check_steps(self.steps)
-            if deepcache is not None and self.steps < 2:
-                raise ConfigError(f"DeepCache needs >= 2 network calls per chunk to reuse anything; "
-                                  f"{name}-{self.steps} makes {self.steps}")
+        elif deepcache is not None and self.steps < 2:
+            raise ConfigError(f"DeepCache needs >= 2 network calls per chunk to reuse anything; "
+                              f"{name}-{self.steps} makes {self.steps}")
         # "edm" is Euler on the EDM policy's Karras schedule.
         self.core_sampler = "euler" if name == "edm" else (None if name in ("stream", "cm") else name)
 

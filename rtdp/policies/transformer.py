@@ -131,6 +131,12 @@ class TransformerForDiffusion(nn.Module):
             self.cross_mask = None
         self._init_weights()
 
+    def cache_blocks(self) -> list["Block"]:
+        """The sub-blocks block-wise caching schedules, in execution order (``rtdp.core.bac``)."""
+        from rtdp.core.bac import KINDS, Block
+
+        return [Block(f"blocks.{i}.{kind}", kind, i) for i in range(len(self.blocks)) for kind in KINDS]
+
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):

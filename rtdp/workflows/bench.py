@@ -41,6 +41,7 @@ DEFAULT_CONFIGS = {
     "diffusion_unet": ["ddpm-100", "ddim-10", "dpmpp-8", "dpmpp-5"],
     "edm_unet": ["edm-3", "stream-1", "stream-2"],
     "consistency_unet": ["cm-1", "cm-2"],
+    "diffusion_transformer": ["ddpm-100", "ddpm-100+bac10", "ddpm-100+uniform10", "ddim-10"],
 }
 _NAME = re.compile(r"^(?P<sampler>[a-z_]+)-(?P<steps>\d+)(?P<opts>(\+[a-z0-9.]+)*)$")
 # Packed inference forms of the network (rtdp.core.fastnet), by option name.
@@ -63,7 +64,9 @@ def parse_config(name: str) -> BenchConfig:
     Options: ``+g<scale>`` (classifier-free guidance scale), ``+skip<cos>``
     (guidance skipping threshold), ``+fast`` / ``+bf16`` / ``+int8`` / ``+int8dyn``
     (the network's packed fp32, bf16, weight-only int8 or dynamic int8 form),
-    ``+deepcache<N>`` (U-Net deep features reused, recomputed every N calls; N = 3 by default).
+    ``+deepcache<N>`` (U-Net deep features reused, recomputed every N calls; N = 3 by default),
+    ``+bac<M>`` / ``+uniform<M>`` (transformer blocks cached: BAC's schedule or
+    every block at the same evenly spaced steps, M updates per block and chunk).
 
     Raises:
         ConfigError: a malformed name, steps <= 0 or an unknown option.
@@ -83,6 +86,10 @@ def parse_config(name: str) -> BenchConfig:
         value = opt[len(key):]
         if key == "deepcache":
             options["deepcache"] = int(value) if value else 3
+        elif key in ("bac", "uniform") and value.isdigit():
+            if "cache" in options:
+                raise ConfigError(f"configuration {name!r}: give at most one of +bac<M>, +uniform<M>")
+            options["cache"] = opt
         elif opt in PRECISION_OPTIONS:
             if "precision" in options:
                 raise ConfigError(f"configuration {name!r}: give at most one of +{', +'.join(PRECISION_OPTIONS)}")
@@ -93,6 +100,7 @@ def parse_config(name: str) -> BenchConfig:
             options["guidance_skip_cos"] = float(value)
         else:
             raise ConfigError(f"configuration {name!r}: unknown option +{opt}; known: +g<scale>, +skip<cos>, +deepcache<N>, "
+                              f"+bac<M>, +uniform<M>, "
                               f"+{', +'.join(PRECISION_OPTIONS)}")
     return BenchConfig(str(name), m["sampler"], steps, options)
 
@@ -179,6 +187,7 @@ def _serving_policy(cfg: BenchConfig, policies: list):
     from rtdp.policies.consistency import ConsistencyUnetPolicy
     from rtdp.policies.diffusion_unet import DiffusionUnetPolicy
     from rtdp.policies.edm_unet import EdmUnetPolicy
+    from rtdp.policies.transformer import TransformerDiffusionPolicy
 
     by_type = {}
     for p in policies:
@@ -187,8 +196,10 @@ def _serving_policy(cfg: BenchConfig, policies: list):
         wanted = [ConsistencyUnetPolicy]
     elif cfg.sampler in ("edm", "stream"):
         wanted = [EdmUnetPolicy]
+    elif "cache" in cfg.options:
+        wanted = [TransformerDiffusionPolicy]
     else:
-        wanted = [DiffusionUnetPolicy, EdmUnetPolicy]
+        wanted = [DiffusionUnetPolicy, TransformerDiffusionPolicy, EdmUnetPolicy]
     for cls in wanted:
         if cls in by_type:
             return by_type[cls]
@@ -225,7 +236,7 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
                  fidelity: bool = True) -> dict[str, Any]:
     """Measure one configuration; returns DESIGN.md's per-configuration keys.
 
-    With a packed or cached network (``precision``, ``deepcache``) and ``fidelity``, also
+    With a packed or cached network (``precision``, ``deepcache``, ``cache``) and ``fidelity``, also
     ``action_mse_vs_plain``: its actions against the plain network's for the same
     configuration, noise and observations (normalised units).
     """
@@ -244,6 +255,7 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
         "steps": cfg.steps,
         "precision": cfg.options.get("precision"),
         "deepcache": cfg.options.get("deepcache"),
+        "cache": cfg.options.get("cache"),
         "checkpoint": getattr(policy, "_bench_source", None),
         "policy_type": policy.policy_type,
         "nfe_per_chunk": nfe,
@@ -263,7 +275,7 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
             k = min(act.shape[1], ref.shape[1])
             diffs.append(float(np.mean((act[:, :k] - ref[:, :k]) ** 2)))
         row["action_mse"] = float(np.mean(diffs))
-    network_opts = ("precision", "deepcache")
+    network_opts = ("precision", "deepcache", "cache", "calibration")
     if any(cfg.options.get(k) is not None for k in network_opts) and fidelity:
         # The packed / cached network against the plain one, same configuration, noise and observations.
         import torch
@@ -338,14 +350,24 @@ def bench(
         names: list[str] = []
         for p in policies:
             names += [n for n in DEFAULT_CONFIGS[p.policy_type] if n not in names]
-        if any(p.policy_type == "diffusion_unet" for p in policies) or size is not None:
+        if any(p.policy_type in ("diffusion_unet", "diffusion_transformer") for p in policies) or size is not None:
             names = ["ddpm-100"] + [n for n in names if n != "ddpm-100"]
     else:
         names = list(configs)
     parsed = [parse_config(n) for n in names]
     plan = [(c, _serving_policy(c, policies)) for c in parsed]
     for c, p in plan:  # every configuration is validated before anything is timed
-        Runner(p, c.sampler, c.steps, **c.options)
+        if not str(c.options.get("cache", "")).startswith("bac"):
+            Runner(p, c.sampler, c.steps, **c.options)
+    for c, p in plan:  # BAC's schedules come from a calibration saved beside the checkpoint (made if missing)
+        if str(c.options.get("cache", "")).startswith("bac"):
+            from rtdp.workflows.calibrate import bac_calibration
+
+            source = getattr(p, "_bench_source", None)
+            c.options["calibration"] = bac_calibration(
+                p, None if source is None or source.startswith("fresh:") else source, task, c.sampler, c.steps,
+                progress=progress)
+            Runner(p, c.sampler, c.steps, **c.options)
 
     obs_list = _bench_obs(task, policies[0], max(1, mse_observations))
     bandwidth = memory_bandwidth_gbs()

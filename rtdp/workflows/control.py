@@ -13,6 +13,7 @@ inference latency over time) are written to ``out``.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -163,11 +164,46 @@ def _make_dynamixel(cfg):
     return driver, cleanup
 
 
-def _policy_spec(cfg, driver, obs_example: dict[str, np.ndarray] | None):
+def _split_cpus(cfg) -> tuple[tuple[int, ...] | None, set[int] | None]:
+    """``worker_cpus`` -> (the worker's CPUs, the CPUs left to the loop), or (None, None) for no pinning.
+
+    ``auto`` (the default) gives the process worker every CPU but the first when
+    there are at least two, and the loop (with the simulator or emulator) the
+    first: the loop then never waits for the scheduler to take a core back from
+    inference. ``threads`` is capped to the worker's CPUs. ``null`` pins nothing.
+    """
+    value = cfg.get("worker_cpus")
+    if value is None or cfg.worker != "process" and value == "auto":
+        return None, None
+    if cfg.worker != "process":
+        raise ConfigError("worker_cpus pins the inference process: it needs worker=process")
+    usable = os.sched_getaffinity(0)
+    if value == "auto":
+        if len(usable) < 2:
+            return None, None
+        wanted = tuple(sorted(usable)[1:])
+        return wanted, usable - set(wanted)
+    try:
+        wanted = tuple(sorted({int(c) for c in value}))
+    except (TypeError, ValueError):
+        raise ConfigError(f"worker_cpus must be auto, null or a list of CPU numbers such as [1], got {value!r}") from None
+    if not wanted or not set(wanted) <= usable:
+        raise ConfigError(f"worker_cpus={list(wanted)} must be a non-empty subset of this process's CPUs {sorted(usable)}")
+    rest = usable - set(wanted)
+    if not rest:
+        raise ConfigError(f"worker_cpus={list(wanted)} leaves no CPU for the control loop; leave at least one out")
+    if int(cfg.threads) > len(wanted):
+        raise ConfigError(f"threads={cfg.threads} exceeds the {len(wanted)} CPU(s) in worker_cpus; "
+                          f"set threads={len(wanted)}")
+    return wanted, rest
+
+
+def _policy_spec(cfg, driver, obs_example: dict[str, np.ndarray] | None, cpus: tuple[int, ...] | None = None):
     from rtdp.controllers.inference import PolicySpec
 
     common = dict(sampler=cfg.sampler, steps=cfg.steps, precision=cfg.precision, seed=int(cfg.seed),
-                  threads=int(cfg.threads), nice=int(cfg.nice) if cfg.worker == "process" else 0)
+                  threads=min(int(cfg.threads), len(cpus)) if cpus else int(cfg.threads),
+                  nice=int(cfg.nice) if cfg.worker == "process" else 0, cpus=cpus)
     if cfg.checkpoint:
         return PolicySpec(checkpoint=str(cfg.checkpoint), **common)
     lim = driver.limits
@@ -254,12 +290,23 @@ def run_control(cfg) -> dict[str, Any]:
         task_name = task_name or ck_task
     if cfg.driver == "sim" and task_name is None:
         task_name = "pusht"
+    worker_cpus, loop_cpus = _split_cpus(cfg)
     clock = MonotonicClock()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rec = RunRecord()
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
-    driver, cleanup = _make_driver(cfg, task_name)
+    old_cpus = os.sched_getaffinity(0) if loop_cpus else None
+    if loop_cpus:
+        # the loop, and the simulator or emulator it starts next, keep off the worker's CPUs
+        os.sched_setaffinity(0, loop_cpus)
+    try:
+        driver, cleanup = _make_driver(cfg, task_name)
+    except BaseException:
+        if old_cpus is not None:
+            os.sched_setaffinity(0, old_cpus)
+        signal.signal(signal.SIGTERM, old_term)
+        raise
     worker = None
     safety_events: dict[str, int] = {}
     seam_stats = []
@@ -269,6 +316,8 @@ def run_control(cfg) -> dict[str, Any]:
     error: RtdpError | None = None
     ctl, t0, warm, chunk_s = None, 0.0, [0.0], 0.0
     rate = float(cfg.rate_hz or 50.0)
+    threads_used = int(cfg.threads)
+    cpus_seen: dict[str, Any] = {"loop": None, "worker": None}
     try:
         with driver:
             rate = float(cfg.rate_hz or getattr(driver, "rate_hz", 50.0))
@@ -284,12 +333,21 @@ def run_control(cfg) -> dict[str, Any]:
             if missing:
                 raise ConfigError(f"the policy reads {missing}, which driver={cfg.driver} does not observe "
                                   f"(it has {sorted(first.obs)})")
-            spec = _policy_spec(cfg, driver, first.obs)
+            spec = _policy_spec(cfg, driver, first.obs, worker_cpus)
+            threads_used = spec.threads
             print(f"rtdp control: starting the inference worker ({cfg.worker}) ...", file=sys.stderr)
             # reading while the worker starts keeps a servo bus watchdog fed (the robot holds meanwhile)
             worker = _make_worker(cfg, spec, clock, idle=driver.read)
             example = {k: np.stack([first.obs[k]] * n_obs) for k in obs_keys}
             warm = worker.warmup(example, 10, idle=driver.read)
+            # the CPUs each side really has (what the kernel reports, not what was asked)
+            cpus_seen = {"loop": sorted(os.sched_getaffinity(0)),
+                         "worker": sorted(os.sched_getaffinity(worker.pid)) if hasattr(worker, "pid") else None}
+            if cfg.driver != "sim":
+                # the episode starts from the robot as it is then (read by the controller), and the
+                # driver recovers whatever the start-up cost it (a bus watchdog that tripped while the
+                # worker loaded) before the clock runs
+                first = None
             chunk_s = worker.n_action_steps / rate
             live_on = sys.stdout.isatty() if cfg.live is None else bool(cfg.live)
             title = f"rtdp control  {cfg.driver}  {rate:g} Hz  {cfg.worker} worker  seam={cfg.seam}"
@@ -344,6 +402,8 @@ def run_control(cfg) -> dict[str, Any]:
             worker.close()
         if cleanup is not None:
             cleanup()
+        if old_cpus is not None:
+            os.sched_setaffinity(0, old_cpus)
         signal.signal(signal.SIGTERM, old_term)
 
     late = np.concatenate(rec.lateness_ms) if rec.lateness_ms else np.zeros(0)
@@ -368,9 +428,13 @@ def run_control(cfg) -> dict[str, Any]:
         "seam_gap_mean": float(np.mean([s["gap_mean"] for s in seam_stats])) if seam_stats else 0.0,
         "seam_step_mean": float(np.mean([s["step_mean_seam"] for s in seam_stats])) if seam_stats else 0.0,
         "inside_step_mean": float(np.mean([s["step_mean_inside"] for s in seam_stats])) if seam_stats else 0.0,
-        "threads": int(cfg.threads),
+        "threads": threads_used,
+        "worker_cpus": cpus_seen["worker"],
+        "loop_cpus": cpus_seen["loop"],
         "driver_stats": driver_stats,
         "scheduling": rt_applied,
+        # where the loop's time went per cycle (read / worker poll + submit / safety + write), slowest cycles listed
+        "cycle_ms": ctl.cycle_breakdown() if ctl is not None else {},
     }
     if error is not None:
         report["error"] = str(error)

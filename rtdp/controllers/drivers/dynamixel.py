@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import select
 import termios
 import time
 from collections import Counter
@@ -77,6 +78,7 @@ MODEL_NUMBERS: dict[str, int] = {
 }
 
 # Control table of the X series (Protocol 2.0): (address, size).
+ADDR_RETURN_DELAY_TIME = (9, 1)  # 2 us units
 ADDR_OPERATING_MODE = (11, 1)
 ADDR_HOMING_OFFSET = (20, 4)
 ADDR_MAX_POSITION_LIMIT = (48, 4)
@@ -104,6 +106,35 @@ _ERROR_NUMBER_MASK = 0x7F
 _ALERT_BIT = 0x80
 # What pyserial / termios raise when the device node is gone or the pty closed.
 _PORT_ERRORS = (OSError, termios.error)
+
+
+def _sleeping_port_handler(sdk: Any) -> type:
+    """``dynamixel_sdk.PortHandler`` whose reads sleep until bytes arrive instead of spinning.
+
+    The SDK opens the port with ``timeout=0`` and polls it in a loop until the
+    reply is complete or the packet times out, which keeps one core busy for
+    the whole bus transaction (a third of the cycle at 50 Hz with three
+    servos). That core is the one the inference worker needs. This handler
+    returns what is already there or else waits in ``select`` until the first
+    byte arrives or the SDK's packet deadline passes; the SDK's loop, its
+    timeouts and its results are unchanged.
+    """
+
+    class SleepingPortHandler(sdk.PortHandler):
+        def readPort(self, length):  # noqa: N802 (the SDK's name)
+            data = self.ser.read(length)
+            if data or self.packet_timeout <= 0:
+                return data
+            wait_s = (self.packet_timeout - self.getTimeSinceStart()) / 1e3
+            if wait_s > 0:
+                try:
+                    select.select([self.ser.fileno()], [], [], wait_s)
+                except ValueError as exc:  # the descriptor is gone (port closed under us)
+                    raise OSError(f"port closed: {exc}") from exc
+                data = self.ser.read(length)
+            return data
+
+    return SleepingPortHandler
 
 
 # --- calibration -------------------------------------------------------------
@@ -261,6 +292,11 @@ class DynamixelDriver(DriverBase):
         write_retries: extra attempts of a goal write that could not be sent.
         connect_retries: extra attempts of each ping/read/write during connect and recovery.
         close_retries: extra torque-off attempts per servo in ``close()``.
+        return_delay_us: Return Delay Time written at connect (EEPROM, 2 us
+            steps, 0..508). Each servo waits this long before it answers, so
+            a sync read of N servos takes N times longer; the factory 500 us
+            costs 3 ms per read of 6 servos. 0 (as LeRobot configures its
+            arms) answers at once; None leaves the servos' setting alone.
         resync_s: after a failed transaction, how long the line must stay
             quiet before the next one, so a late reply to the failed request
             is flushed instead of being taken as the answer to the retry
@@ -290,6 +326,7 @@ class DynamixelDriver(DriverBase):
         connect_retries: int = 3,
         close_retries: int = 3,
         resync_s: float = 0.03,
+        return_delay_us: int | None = 0,
     ) -> None:
         if not isinstance(port, str) or not port:
             raise ConfigError(f"DynamixelDriver: port must be a device path such as /dev/ttyUSB0, got {port!r}")
@@ -326,6 +363,8 @@ class DynamixelDriver(DriverBase):
                 raise ConfigError(f"DynamixelDriver: {name} must be >= 0, got {value}")
         if resync_s < 0:
             raise ConfigError(f"DynamixelDriver: resync_s must be >= 0, got {resync_s}")
+        if return_delay_us is not None and not 0 <= int(return_delay_us) <= 508:
+            raise ConfigError(f"DynamixelDriver: return_delay_us must be 0..508 (or None), got {return_delay_us}")
 
         if calibration is None:
             cal = {f"motor_{i}": MotorCalibration(id=i) for i in ids}
@@ -348,6 +387,7 @@ class DynamixelDriver(DriverBase):
         self.watchdog_units = math.ceil(watchdog_ms / WATCHDOG_UNIT_MS) if watchdog_ms else 0
         self.read_retries = read_retries
         self.write_retries = write_retries
+        self.return_delay_units = None if return_delay_us is None else int(return_delay_us) // 2
         self.connect_retries = connect_retries
         self.close_retries = close_retries
         self.resync_s = resync_s
@@ -392,7 +432,7 @@ class DynamixelDriver(DriverBase):
 
         Steps: open port and set baud; ping each servo and compare its model
         number; torque off; clear a tripped bus watchdog; set position control
-        mode, homing offset and position limits (EEPROM, written only when
+        mode, return delay time, homing offset and position limits (EEPROM, written only when
         different); goal := present position; arm the bus watchdog; torque on.
 
         Raises:
@@ -406,7 +446,7 @@ class DynamixelDriver(DriverBase):
             self._release()  # a session that lost its port and was never closed
         self._sdk = require_package("dynamixel_sdk", "hw", "the Dynamixel driver")
         sdk = self._sdk
-        port = sdk.PortHandler(self.port)
+        port = _sleeping_port_handler(sdk)(self.port)
         try:
             opened = port.openPort()
         except _PORT_ERRORS as exc:
@@ -424,6 +464,8 @@ class DynamixelDriver(DriverBase):
                 if self._read(i, ADDR_BUS_WATCHDOG, signed=True) != 0:
                     self._write(i, ADDR_BUS_WATCHDOG, 0, "Bus Watchdog")  # clears a trip of an earlier session
                 self._ensure(i, ADDR_OPERATING_MODE, POSITION_CONTROL_MODE, "Operating Mode")
+                if self.return_delay_units is not None:
+                    self._ensure(i, ADDR_RETURN_DELAY_TIME, self.return_delay_units, "Return Delay Time")
                 self._ensure(i, ADDR_HOMING_OFFSET, cal.homing_offset, "Homing Offset", signed=True)
                 # Min before max would fail if the new min exceeds the old max; widen first, then narrow.
                 self._ensure(i, ADDR_MAX_POSITION_LIMIT, TICKS_PER_REV - 1, "Max Position Limit")

@@ -55,6 +55,7 @@ prints the port path on one line and serves until SIGINT/SIGTERM.
 from __future__ import annotations
 
 import argparse
+import gc
 import collections
 import errno
 import functools
@@ -999,6 +1000,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drop-reply", type=float, default=0.0, help="probability of a dropped reply")
     parser.add_argument("--late-reply", type=float, default=0.0, help="probability of a reply after the SDK timeout")
     parser.add_argument("--garbage", type=float, default=0.0, help="probability of garbage bytes before a reply")
+    parser.add_argument("--log-size", type=int, default=2000,
+                        help="packets and replies kept in the log (a long log makes Python's garbage "
+                             "collector pause the emulator for tens of ms, which looks like a late servo)")
     parser.add_argument("--rt-priority", type=int, default=0,
                         help="serve under SCHED_FIFO at this priority (real servos are not on the CPU; "
                              "an emulator that waits for the scheduler would make a real-time loop look late)")
@@ -1008,7 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
         faults = FaultConfig(
             corrupt_crc=args.corrupt_crc, drop_reply=args.drop_reply, late_reply=args.late_reply, garbage=args.garbage
         )
-        emu = DynamixelBusEmulator({i: args.model for i in ids}, faults, seed=args.seed, baudrate=args.baudrate)
+        emu = DynamixelBusEmulator({i: args.model for i in ids}, faults, seed=args.seed, baudrate=args.baudrate,
+                                   log_size=args.log_size)
     except (ValueError, ConfigError) as exc:
         parser.error(str(exc))
     done = threading.Event()
@@ -1022,6 +1027,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rt = realtime_priority(max(0, min(99, args.rt_priority)))
     with rt, emu:  # the serving thread inherits the priority
+        # what exists now lives for the whole run: keep it out of every later collection
+        gc.collect()
+        gc.freeze()
         print(emu.port, flush=True)
         while not done.is_set() and emu.running:
             done.wait(0.2)
