@@ -14,7 +14,7 @@ from pathlib import Path
 from rtdp.errors import ConfigError, RtdpError, UnknownNameError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-VERBS = ("collect", "train", "eval", "bench", "demo", "control")
+VERBS = ("collect", "train", "eval", "bench", "demo", "control", "image")
 
 USAGE = """usage: rtdp <verb> [key=value ...]
 
@@ -25,6 +25,7 @@ verbs:
   eval      evaluate a checkpoint (or the expert) on the task's evaluation seeds
   bench     latency, NFE, fidelity and success of inference configurations side by side
   control   drive a robot (simulated or Dynamixel) with a checkpoint in real time
+  image     train a small image diffusion model (diffusers UNet2DModel) on rendered scenes
 
 examples:
   rtdp demo out=outputs/demo
@@ -35,6 +36,7 @@ examples:
   rtdp control checkpoint=rtdp/assets/checkpoints/pusht/checkpoint driver=sim episodes=50 json=control.json
   rtdp control size=dp_lowdim driver=dynamixel port=emulator rate_hz=50 duration_s=600
   rtdp bench size=dp_lowdim configs=[ddpm-100,ddim-10,edm-3,stream-1,cm-1] json=bench_dp.json
+  rtdp image out=runs/scenes && rtdp bench image=runs/scenes configs=[ddim-50,ddim-50+deepcache3]
 """
 
 

@@ -461,6 +461,8 @@ def print_bench(report: dict[str, Any]) -> None:
 
 def run(cfg) -> dict[str, Any]:
     """CLI entry: ``rtdp bench checkpoint=DIR [checkpoints=[...]] [size=dp_lowdim] [configs=[...]] json=PATH``."""
+    if cfg.get("image"):
+        return _run_image(cfg)
     checkpoints = [str(c) for c in (cfg.checkpoints or [])]
     if cfg.checkpoint:
         checkpoints.insert(0, str(cfg.checkpoint))
@@ -483,4 +485,30 @@ def run(cfg) -> dict[str, Any]:
         path.write_text(json.dumps(report, indent=2))
         report["plot"] = str(plot_bench(report, path.with_suffix(".png")))
         print(f"report: {path}, plot: {report['plot']}")
+    return report
+
+
+def _run_image(cfg) -> dict[str, Any]:
+    """``rtdp bench image=DIR``: the image model through the same caching core (speed-up and PSNR)."""
+    from rtdp.workflows.image import bench_image
+
+    if cfg.checkpoint or cfg.checkpoints or cfg.size:
+        raise ConfigError("image= benchmarks an image model on its own: drop checkpoint/checkpoints/size")
+    configs = [str(c) for c in (cfg.configs or ["ddim-50", "ddim-50+deepcache2", "ddim-50+deepcache3"])]
+    grid = Path(cfg.json).with_suffix(".png") if cfg.json else None
+    report = bench_image(cfg.image, configs, calls=min(int(cfg.calls), 10), warmup=min(int(cfg.warmup), 2),
+                         threads=cfg.threads, grid=grid)
+    print(f"rtdp bench image: {report['model']}  {report['sample_size']} px  threads {report['threads']}  "
+          f"PSNR over {report['samples']} samples")
+    print(f"{'config':<22}{'p50 ms':>10}{'p99 ms':>10}{'speed-up':>10}{'PSNR dB':>10}{'min':>8}")
+    for r in report["configs"]:
+        psnr = ("-", "-") if r["psnr_db_vs_uncached"] is None else (f"{r['psnr_db_vs_uncached']:.1f}",
+                                                                     f"{r['psnr_db_min']:.1f}")
+        sp = "-" if r["speedup_vs_uncached"] is None else f"{r['speedup_vs_uncached']:.2f}x"
+        print(f"{r['name']:<22}{r['latency_ms_p50']:>10.0f}{r['latency_ms_p99']:>10.0f}{sp:>10}{psnr[0]:>10}{psnr[1]:>8}")
+    if cfg.json:
+        path = Path(cfg.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        print(f"report: {path}, samples: {report.get('grid')}")
     return report
