@@ -207,3 +207,13 @@ def test_calibration_from_rollouts_feeds_bench(tmp_path):
     rows = {r["name"]: r for r in rep["configs"]}
     assert rows["ddim-4+bac2"]["cache"] == "bac2" and rows["ddim-4+bac2"]["action_mse_vs_plain"] > 0
     assert rows["ddim-4+uniform2"]["action_mse_vs_plain"] > 0
+
+
+def test_bench_names_bac_and_uniform_configurations():
+    from rtdp.workflows.bench import parse_config
+
+    assert parse_config("ddpm-100+bac").options == {"cache": "bac10"}  # DESIGN.md's name, default budget
+    assert parse_config("ddpm-100+bac20+int8dyn").options == {"cache": "bac20", "precision": "int8dyn"}
+    assert parse_config("ddpm-100+uniform5").options == {"cache": "uniform5"}
+    with pytest.raises(ConfigError, match="at most one"):
+        parse_config("ddpm-100+bac5+uniform5")

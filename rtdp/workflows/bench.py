@@ -44,6 +44,7 @@ DEFAULT_CONFIGS = {
     "diffusion_transformer": ["ddpm-100", "ddpm-100+bac10", "ddpm-100+uniform10", "ddim-10"],
 }
 _NAME = re.compile(r"^(?P<sampler>[a-z_]+)-(?P<steps>\d+)(?P<opts>(\+[a-z0-9.]+)*)$")
+DEFAULT_CACHE_BUDGET = 10  # +bac / +uniform without a number: update steps per block and chunk
 # Packed inference forms of the network (rtdp.core.fastnet), by option name.
 PRECISION_OPTIONS = {"fast": "fp32", "bf16": "bf16", "int8": "int8", "int8dyn": "int8dyn"}
 
@@ -66,7 +67,8 @@ def parse_config(name: str) -> BenchConfig:
     (the network's packed fp32, bf16, weight-only int8 or dynamic int8 form),
     ``+deepcache<N>`` (U-Net deep features reused, recomputed every N calls; N = 3 by default),
     ``+bac<M>`` / ``+uniform<M>`` (transformer blocks cached: BAC's schedule or
-    every block at the same evenly spaced steps, M updates per block and chunk).
+    every block at the same evenly spaced steps, M updates per block and chunk;
+    M = 10 by default).
 
     Raises:
         ConfigError: a malformed name, steps <= 0 or an unknown option.
@@ -86,10 +88,10 @@ def parse_config(name: str) -> BenchConfig:
         value = opt[len(key):]
         if key == "deepcache":
             options["deepcache"] = int(value) if value else 3
-        elif key in ("bac", "uniform") and value.isdigit():
+        elif key in ("bac", "uniform") and (value.isdigit() or not value):
             if "cache" in options:
                 raise ConfigError(f"configuration {name!r}: give at most one of +bac<M>, +uniform<M>")
-            options["cache"] = opt
+            options["cache"] = f"{key}{value or DEFAULT_CACHE_BUDGET}"
         elif opt in PRECISION_OPTIONS:
             if "precision" in options:
                 raise ConfigError(f"configuration {name!r}: give at most one of +{', +'.join(PRECISION_OPTIONS)}")

@@ -194,15 +194,20 @@ def bench_image(model_dir: str | Path, configs: list[str], *, calls: int = 5, wa
         images = [sample_images(net, steps, n) for n in noise]
         psnr = [psnr_db(x, r) for x, r in zip(images, reference[steps])]
         shown.append((name, images))
-        rows.append({"name": name, "steps": steps, "deepcache": interval, "nfe": steps,
-                     "latency_ms_p50": float(np.median(times)) * 1e3,
-                     "latency_ms_p99": float(np.percentile(times, 99)) * 1e3,
+        p50 = float(np.median(times)) * 1e3
+        rows.append({"name": name, "sampler": "ddim", "steps": steps, "deepcache": interval, "nfe_per_chunk": steps,
+                     "latency_ms_p50": p50, "latency_ms_p99": float(np.percentile(times, 99)) * 1e3,
+                     "ms_per_nfe": p50 / steps, "floor_ms_per_nfe": None, "ms_per_action": None, "action_mse": None,
                      "psnr_db_vs_uncached": float(np.mean(psnr)) if interval is not None else None,
                      "psnr_db_min": float(np.min(psnr)) if interval is not None else None})
     for r in rows:
         base = next((b for b in rows if b["steps"] == r["steps"] and b["deepcache"] is None), None)
         r["speedup_vs_uncached"] = base["latency_ms_p50"] / r["latency_ms_p50"] if base else None
-    report = {"model": str(model_dir), "sample_size": size, "threads": threads, "samples": samples,
+    from rtdp.workflows.bench import _device_name
+
+    report = {"device": _device_name(), "threads": threads, "policy": ["unet2d"], "size": f"{size}px "
+              + "/".join(str(c) for c in plain.config.block_out_channels), "model": str(model_dir),
+              "sample_size": size, "samples": samples,
               "branch": branch, "calls": calls, "configs": rows}
     if grid is not None:
         report["grid"] = str(_save_grid(shown, Path(grid)))
