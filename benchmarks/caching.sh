@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Reproduce the caching figures quoted in benchmarks/RESULTS.md ("Block-wise caching", "Image path"):
+# a transformer Diffusion Policy on PushT (rtdp's scripted demonstrations), BAC against uniform caching
+# at the same budget, and a diffusers UNet2DModel trained on rendered PushT scenes, with and without
+# DeepCache. Timing runs want quiet cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RTDP=${RTDP:-.venv/bin/rtdp}
+OUT=${OUT:-runs}
+R=benchmarks/results
+mkdir -p "$OUT" "$R"
+
+# Transformer policy (8 layers, width 128, DDPM 100 steps) on 200 scripted PushT demonstrations
+[ -d "$OUT/pusht.zarr" ] || $RTDP collect task=pusht episodes=200 seed=0 out="$OUT/pusht.zarr"
+[ -f "$OUT/pusht_tf/summary.json" ] || $RTDP train task=pusht policy=transformer data="$OUT/pusht.zarr" \
+    out="$OUT/pusht_tf" steps=6000 lr=3e-4 batch_size=64 policy.n_emb=128 weight_decay=1e-3 warmup_steps=500 \
+    eval_every=3000 eval_episodes=20 checkpoint_every=500 threads=1 resume=true
+
+# BAC (calibrated on 3 rollouts, saved beside the checkpoint) vs uniform caching, 50 episodes each
+$RTDP bench checkpoint="$OUT/pusht_tf/checkpoint" \
+    configs=[ddpm-100,ddpm-100+bac10,ddpm-100+uniform10,ddpm-100+bac20,ddpm-100+uniform20] episodes=50 \
+    json=$R/bench_pusht_tf_bac.json
+
+# Image path: UNet2DModel 16/32/64/64 at 64 px on 2,000 rendered scenes, DDIM-50 with DeepCache
+[ -f "$OUT/scenes64/meta.json" ] || $RTDP image out="$OUT/scenes64" size=64 channels=[16,32,64,64] steps=1500 \
+    batch_size=16 lr=4e-4 threads=1
+$RTDP bench image="$OUT/scenes64" configs=[ddim-50,ddim-50+deepcache2,ddim-50+deepcache3,ddim-50+deepcache4] \
+    json=$R/bench_image_deepcache.json
