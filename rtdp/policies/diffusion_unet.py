@@ -397,7 +397,8 @@ class DiffusionUnetPolicy(nn.Module):
 
     def with_network(self, precision: str | None = None, *, deepcache: int | None = None,
                      deepcache_branch: int = 1,
-                     cache_schedule: Mapping[str, Iterable[int]] | None = None) -> "DiffusionUnetPolicy":
+                     cache_schedule: Mapping[str, Iterable[int]] | None = None,
+                     compile: bool = False, cuda_graph: bool = False) -> "DiffusionUnetPolicy":
         """This policy with its network in an inference form: packed weights and/or DeepCache.
 
         Args:
@@ -410,6 +411,11 @@ class DiffusionUnetPolicy(nn.Module):
             cache_schedule: ``{module name: network calls at which it runs}`` for
                 any other caching schedule (block-wise caching, ``rtdp.core.bac``);
                 not together with ``deepcache``.
+            compile: run the network through ``torch.compile`` (inductor; the
+                first calls compile it, later ones reuse it); not together with
+                a cache, whose step counting is Python state.
+            cuda_graph: replay the network from CUDA graphs
+                (``rtdp.core.cudagraph``; the policy must be on a CUDA device).
 
         Returns:
             this policy itself when both are off; otherwise an inference-only
@@ -421,13 +427,20 @@ class DiffusionUnetPolicy(nn.Module):
             ConfigError: unknown precision, one this CPU cannot run, or a
                 network without DeepCache support.
         """
-        if precision is None and deepcache is None and cache_schedule is None:
+        if precision is None and deepcache is None and cache_schedule is None and not compile and not cuda_graph:
             return self
+        if cuda_graph and (compile or deepcache is not None or cache_schedule is not None or precision is not None):
+            raise ConfigError("cuda_graph replays the plain network as recorded: it does not combine with compile, "
+                              "a cache (which skips blocks per call) or a packed CPU precision")
         if deepcache is not None and cache_schedule is not None:
             raise ConfigError("give deepcache or cache_schedule, not both: each names the modules it caches")
+        if compile and (deepcache is not None or cache_schedule is not None):
+            raise ConfigError("torch.compile and feature caching do not combine: the cache decides per call, in "
+                              "Python, which blocks run, so the compiled graph would be rebuilt or bypassed at "
+                              "every step; use one of them")
         sched_key = None if cache_schedule is None else tuple(
             sorted((str(n), tuple(sorted(int(s) for s in v))) for n, v in cache_schedule.items()))
-        key = (precision, deepcache, deepcache_branch, sched_key)
+        key = (precision, deepcache, deepcache_branch, sched_key, bool(compile), bool(cuda_graph))
         version = tuple((id(p), p._version) for p in self.model.parameters())
         views = self.__dict__.setdefault("_fast_views", {})
         hit = views.get(key)
@@ -443,6 +456,12 @@ class DiffusionUnetPolicy(nn.Module):
         elif cache_schedule is not None:
             net = CachedNetwork(net if precision is not None else copy.deepcopy(self.model).eval(),
                                 {n: set(v) for n, v in sched_key})
+        if compile:
+            net = torch.compile(net, dynamic=False)  # a wrapper: the plain network stays as it is
+        if cuda_graph:
+            from rtdp.core.cudagraph import CudaGraphNetwork
+
+            net = CudaGraphNetwork(net)
         view = copy.copy(self)  # new __dict__, shared tensors
         view._modules = dict(self._modules)
         view._modules["model"] = net

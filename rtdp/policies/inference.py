@@ -98,6 +98,10 @@ class Runner:
             (every block at the same M evenly spaced steps); None: off.
         calibration: the ``rtdp.core.bac.BacCalibration`` of this sampler
             setting, which ``cache="bac<M>"`` needs.
+        compile: run the network through ``torch.compile`` (composes with
+            ``precision``; not with the caches).
+        cuda_graph: replay the network from CUDA graphs (a policy on a CUDA
+            device; the plain network only).
         options: extra keyword arguments of ``predict_action_chunk`` (e.g. ``guidance_scale``).
 
     Raises:
@@ -107,7 +111,8 @@ class Runner:
 
     def __init__(self, policy, sampler: str | None = None, steps: int | None = None, *, seed: int = 0,
                  precision: str | None = None, deepcache: int | None = None, cache: str | None = None,
-                 calibration: Any = None, **options: Any) -> None:
+                 calibration: Any = None, compile: bool = False, cuda_graph: bool = False,
+                 **options: Any) -> None:
         from rtdp.policies.consistency import ConsistencyUnetPolicy
         from rtdp.policies.edm_unet import EdmUnetPolicy
         from rtdp.policies.streaming import StreamingPolicy
@@ -153,7 +158,10 @@ class Runner:
         schedule = None
         if cache is not None:
             schedule = _block_cache_schedule(policy, name, self.steps, cache, calibration, deepcache)
-        policy = self.policy = policy.with_network(precision, deepcache=deepcache, cache_schedule=schedule)
+        self.compile = bool(compile)
+        self.cuda_graph = bool(cuda_graph)
+        policy = self.policy = policy.with_network(precision, deepcache=deepcache, cache_schedule=schedule,
+                                                   compile=self.compile, cuda_graph=self.cuda_graph)
         self.stream = None
         if name == "stream":
             self.stream = StreamingPolicy(policy, self.steps)

@@ -68,7 +68,7 @@ def parse_config(name: str) -> BenchConfig:
     ``+deepcache<N>`` (U-Net deep features reused, recomputed every N calls; N = 3 by default),
     ``+bac<M>`` / ``+uniform<M>`` (transformer blocks cached: BAC's schedule or
     every block at the same evenly spaced steps, M updates per block and chunk;
-    M = 10 by default).
+    M = 10 by default), ``+compile`` (the network through ``torch.compile``).
 
     Raises:
         ConfigError: a malformed name, steps <= 0 or an unknown option.
@@ -92,6 +92,8 @@ def parse_config(name: str) -> BenchConfig:
             if "cache" in options:
                 raise ConfigError(f"configuration {name!r}: give at most one of +bac<M>, +uniform<M>")
             options["cache"] = f"{key}{value or DEFAULT_CACHE_BUDGET}"
+        elif opt == "compile":
+            options["compile"] = True
         elif opt in PRECISION_OPTIONS:
             if "precision" in options:
                 raise ConfigError(f"configuration {name!r}: give at most one of +{', +'.join(PRECISION_OPTIONS)}")
@@ -102,7 +104,7 @@ def parse_config(name: str) -> BenchConfig:
             options["guidance_skip_cos"] = float(value)
         else:
             raise ConfigError(f"configuration {name!r}: unknown option +{opt}; known: +g<scale>, +skip<cos>, +deepcache<N>, "
-                              f"+bac<M>, +uniform<M>, "
+                              f"+bac<M>, +uniform<M>, +compile, "
                               f"+{', +'.join(PRECISION_OPTIONS)}")
     return BenchConfig(str(name), m["sampler"], steps, options)
 
@@ -258,6 +260,7 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
         "precision": cfg.options.get("precision"),
         "deepcache": cfg.options.get("deepcache"),
         "cache": cfg.options.get("cache"),
+        "compile": bool(cfg.options.get("compile", False)),
         "checkpoint": getattr(policy, "_bench_source", None),
         "policy_type": policy.policy_type,
         "nfe_per_chunk": nfe,
@@ -277,7 +280,7 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
             k = min(act.shape[1], ref.shape[1])
             diffs.append(float(np.mean((act[:, :k] - ref[:, :k]) ** 2)))
         row["action_mse"] = float(np.mean(diffs))
-    network_opts = ("precision", "deepcache", "cache", "calibration")
+    network_opts = ("precision", "deepcache", "cache", "calibration", "compile")
     if any(cfg.options.get(k) is not None for k in network_opts) and fidelity:
         # The packed / cached network against the plain one, same configuration, noise and observations.
         import torch
