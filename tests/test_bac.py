@@ -217,3 +217,15 @@ def test_bench_names_bac_and_uniform_configurations():
     assert parse_config("ddpm-100+uniform5").options == {"cache": "uniform5"}
     with pytest.raises(ConfigError, match="at most one"):
         parse_config("ddpm-100+bac5+uniform5")
+
+
+def test_bench_reports_the_updates_a_cached_block_makes():
+    from rtdp.workflows.bench import _mean_updates
+
+    policy = _policy()
+    cal = _calibration(policy, 8)
+    net = Runner(policy, "ddim", 8, cache="uniform2", calibration=cal).policy.model
+    assert _mean_updates(net, 8) == 2.0
+    bac = Runner(policy, "ddim", 8, cache="bac3", calibration=cal).policy.model
+    assert _mean_updates(bac, 8) == np.mean([len(s) for s in cal.schedule(3).values()])
+    assert _mean_updates(policy.model, 8) is None

@@ -244,13 +244,13 @@ class BacCalibration:
     def n_steps(self) -> int:
         return next(iter(self.similarity.values())).shape[0]
 
-    def schedule(self, budget: int, top_k: int | None = None) -> dict[str, set[int]]:
+    def schedule(self, budget: int, top_k: int = 2) -> dict[str, set[int]]:
         """BAC's schedule for ``budget`` updates per block: the scheduler, then the Bubbling Union
-        over the ``top_k`` most error-prone blocks (default: a quarter of the blocks, at least 1)."""
+        over the ``top_k`` most error-prone blocks. Each of those takes on the update steps of up to
+        every deeper FFN, so a large ``top_k`` spends most of the budget saved."""
         own = {b.name: adaptive_steps(self.similarity[b.name], budget) for b in self.blocks}
         errors = {b.name: caching_error(self.similarity[b.name], own[b.name]) for b in self.blocks}
-        k = max(1, len(self.blocks) // 4) if top_k is None else int(top_k)
-        return bubbling_union(own, self.blocks, errors, k)
+        return bubbling_union(own, self.blocks, errors, int(top_k))
 
     def uniform(self, budget: int) -> dict[str, set[int]]:
         """Every block updated at the same ``budget`` evenly spaced steps."""

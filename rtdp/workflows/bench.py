@@ -227,6 +227,14 @@ def _bench_obs(task: TaskSpec, policy, n: int) -> list[dict[str, np.ndarray]]:
     return out
 
 
+def _mean_updates(net, n_calls: int) -> float | None:
+    from rtdp.core.cache import CachedNetwork
+
+    if not isinstance(net, CachedNetwork) or not net.schedule:
+        return None
+    return float(np.mean([sum(1 for k in s if k < n_calls) for s in net.schedule.values()]))
+
+
 def _normalised_actions(runner, obs, noise) -> np.ndarray:
     policy = runner.policy
     runner.reset()
@@ -261,6 +269,8 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
         "deepcache": cfg.options.get("deepcache"),
         "cache": cfg.options.get("cache"),
         "compile": bool(cfg.options.get("compile", False)),
+        # block-wise caching: network calls per chunk at which a cached block runs, mean over blocks
+        "cache_updates_per_block": _mean_updates(runner.policy.model, nfe),
         "checkpoint": getattr(policy, "_bench_source", None),
         "policy_type": policy.policy_type,
         "nfe_per_chunk": nfe,
