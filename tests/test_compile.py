@@ -25,6 +25,8 @@ def test_compile_with_a_cache_is_refused_at_configuration():
     policy = _policy()
     with pytest.raises(ConfigError, match="do not combine"):
         Runner(policy, "ddim", 4, deepcache=2, compile=True)
+    with pytest.raises(ConfigError, match="cannot lower"):
+        Runner(policy, "ddim", 4, precision="fp32", compile=True)
     assert parse_config("ddim-10+compile+int8dyn").options == {"compile": True, "precision": "int8dyn"}
 
 

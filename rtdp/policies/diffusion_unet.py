@@ -412,7 +412,8 @@ class DiffusionUnetPolicy(nn.Module):
                 any other caching schedule (block-wise caching, ``rtdp.core.bac``);
                 not together with ``deepcache``.
             compile: run the network through ``torch.compile`` (inductor; the
-                first calls compile it, later ones reuse it); not together with
+                first calls compile it, later ones reuse it); the plain network
+                only: not with a packed precision (its kernels do not lower) nor
                 a cache, whose step counting is Python state.
             cuda_graph: replay the network from CUDA graphs
                 (``rtdp.core.cudagraph``; the policy must be on a CUDA device).
@@ -434,6 +435,10 @@ class DiffusionUnetPolicy(nn.Module):
                               "a cache (which skips blocks per call) or a packed CPU precision")
         if deepcache is not None and cache_schedule is not None:
             raise ConfigError("give deepcache or cache_schedule, not both: each names the modules it caches")
+        if compile and precision is not None:
+            raise ConfigError(f"torch.compile and precision={precision!r} do not combine: the packed layers call "
+                              "oneDNN/fbgemm kernels on prepacked weights, which inductor cannot lower (measured: "
+                              "LoweringException); compile the plain network or use the packed one")
         if compile and (deepcache is not None or cache_schedule is not None):
             raise ConfigError("torch.compile and feature caching do not combine: the cache decides per call, in "
                               "Python, which blocks run, so the compiled graph would be rebuilt or bypassed at "

@@ -98,8 +98,8 @@ class Runner:
             (every block at the same M evenly spaced steps); None: off.
         calibration: the ``rtdp.core.bac.BacCalibration`` of this sampler
             setting, which ``cache="bac<M>"`` needs.
-        compile: run the network through ``torch.compile`` (composes with
-            ``precision``; not with the caches).
+        compile: run the plain network through ``torch.compile`` (not with
+            ``precision`` or the caches).
         cuda_graph: replay the network from CUDA graphs (a policy on a CUDA
             device; the plain network only).
         options: extra keyword arguments of ``predict_action_chunk`` (e.g. ``guidance_scale``).
