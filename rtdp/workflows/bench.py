@@ -409,12 +409,17 @@ def bench(
     base = next((r for r in rows if r["name"] == "ddpm-100"), None)
     for r in rows:
         r["speedup_per_action_vs_ddpm100"] = (base["ms_per_action"] / r["ms_per_action"]) if base else None
-    down_dims = sorted({tuple(p.config.down_dims) for p in policies})
+    def _shape(p) -> str:  # what the network's size is called: U-Net widths, or transformer layers x width
+        if p.policy_type == "diffusion_transformer":
+            return f"{p.config.n_layer}x{p.config.n_emb} transformer"
+        return "/".join(str(d) for d in p.config.down_dims)
+
+    shapes = sorted({_shape(p) for p in policies})
     return {
         "device": _device_name(),
         "threads": threads,
         "policy": sorted({p.policy_type for p in policies}),
-        "size": size or ("/".join(str(d) for d in down_dims[0]) if len(down_dims) == 1 else [list(d) for d in down_dims]),
+        "size": size or (shapes[0] if len(shapes) == 1 else shapes),
         "task": task.name,
         "checkpoints": [str(c) for c in checkpoints],
         "memory_bandwidth_gbs": bandwidth,
