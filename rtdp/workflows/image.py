@@ -119,7 +119,7 @@ def train_image_model(out: str | Path, *, size: int = 64, channels: tuple[int, .
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     model.eval()
