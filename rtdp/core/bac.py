@@ -37,7 +37,7 @@ from torch import nn
 from rtdp.errors import ConfigError
 
 __all__ = ["BacCalibration", "Block", "FeatureRecorder", "adaptive_steps", "bubbling_union", "caching_error",
-           "schedule_score", "uniform_steps"]
+           "schedule_score", "uniform_block_schedule", "uniform_steps"]
 
 KINDS = ("self_attn", "cross_attn", "ffn")
 
@@ -127,6 +127,12 @@ def uniform_steps(n_steps: int, budget: int) -> list[int]:
     """``budget`` update steps spread evenly over ``n_steps`` (the comparison BAC is measured against)."""
     m = _check_budget(budget, int(n_steps))
     return sorted({int(round(i * n_steps / m)) for i in range(m)})
+
+
+def uniform_block_schedule(names: Iterable[str], n_steps: int, budget: int) -> dict[str, set[int]]:
+    """Every block in ``names`` updated at the same :func:`uniform_steps`."""
+    steps = uniform_steps(n_steps, budget)
+    return {n: set(steps) for n in names}
 
 
 def bubbling_union(steps: Mapping[str, Iterable[int]], blocks: Sequence[Block], errors: Mapping[str, float],
@@ -254,8 +260,7 @@ class BacCalibration:
 
     def uniform(self, budget: int) -> dict[str, set[int]]:
         """Every block updated at the same ``budget`` evenly spaced steps."""
-        steps = set(uniform_steps(self.n_steps, budget))
-        return {b.name: set(steps) for b in self.blocks}
+        return uniform_block_schedule([b.name for b in self.blocks], self.n_steps, budget)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

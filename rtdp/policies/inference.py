@@ -64,10 +64,9 @@ def _block_cache_schedule(policy, sampler: str, steps: int, cache: str, calibrat
     if budget > n_calls:
         raise ConfigError(f"cache={cache}: {budget} updates per chunk but {sampler}-{steps} makes only {n_calls} calls")
     if mode == "uniform":
-        from rtdp.core.bac import uniform_steps
+        from rtdp.core.bac import uniform_block_schedule
 
-        ups = set(uniform_steps(n_calls, budget))
-        return {b.name: set(ups) for b in blocks_of()}
+        return uniform_block_schedule([b.name for b in blocks_of()], n_calls, budget)
     setting = f"{sampler}-{steps}"
     if calibration is None:
         raise ConfigError(f"cache={cache} needs the BAC calibration of {setting} (rtdp.workflows.calibrate; "

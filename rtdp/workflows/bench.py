@@ -371,11 +371,12 @@ def bench(
         names = list(configs)
     parsed = [parse_config(n) for n in names]
     plan = [(c, _serving_policy(c, policies)) for c in parsed]
-    for c, p in plan:  # every configuration is validated before anything is timed
-        if not str(c.options.get("cache", "")).startswith("bac"):
+    needs_calibration = [str(c.options.get("cache", "")).startswith("bac") for c, _ in plan]
+    for (c, p), bac in zip(plan, needs_calibration):  # every configuration is validated before anything is timed
+        if not bac:
             Runner(p, c.sampler, c.steps, **c.options)
-    for c, p in plan:  # BAC's schedules come from a calibration saved beside the checkpoint (made if missing)
-        if str(c.options.get("cache", "")).startswith("bac"):
+    for (c, p), bac in zip(plan, needs_calibration):  # BAC's schedules come from a calibration beside the checkpoint
+        if bac:
             from rtdp.workflows.calibrate import bac_calibration
 
             source = getattr(p, "_bench_source", None)

@@ -300,14 +300,7 @@ def run_control(cfg) -> dict[str, Any]:
     if loop_cpus:
         # the loop, and the simulator or emulator it starts next, keep off the worker's CPUs
         os.sched_setaffinity(0, loop_cpus)
-    try:
-        driver, cleanup = _make_driver(cfg, task_name)
-    except BaseException:
-        if old_cpus is not None:
-            os.sched_setaffinity(0, old_cpus)
-        signal.signal(signal.SIGTERM, old_term)
-        raise
-    worker = None
+    driver = cleanup = worker = None
     safety_events: dict[str, int] = {}
     seam_stats = []
     dropped = 0
@@ -319,6 +312,7 @@ def run_control(cfg) -> dict[str, Any]:
     threads_used = int(cfg.threads)
     cpus_seen: dict[str, Any] = {"loop": None, "worker": None}
     try:
+        driver, cleanup = _make_driver(cfg, task_name)
         with driver:
             rate = float(cfg.rate_hz or getattr(driver, "rate_hz", 50.0))
             if cfg.driver == "sim":
