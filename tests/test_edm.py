@@ -183,8 +183,20 @@ def test_consistency_policy_distils_and_acts_in_one_call():
     t_calls = _count_calls(teacher)
     loss = student.compute_loss(batch, generator=torch.Generator().manual_seed(0))
     loss.backward()
-    assert torch.isfinite(loss) and len(t_calls) == 2  # one Heun step of the teacher
+    # one Heun step of the teacher on the grid, then the teacher's own sampler for the endpoint term
+    assert torch.isfinite(loss) and len(t_calls) == 2 + teacher.config.num_inference_steps
     assert teacher.model.final_conv[1].weight.grad is None
+    # The endpoint term adds weight x (its MSE) to the grid loss, from the same draws.
+    losses = {}
+    for w in (0.0, 1.0, 2.0):
+        student.config.cd_anchor_weight = w
+        t_calls.clear()
+        with torch.no_grad():
+            losses[w] = float(student.compute_loss(batch, generator=torch.Generator().manual_seed(1)))
+        assert len(t_calls) == 2 + (teacher.config.num_inference_steps if w else 0)
+    endpoint = losses[1.0] - losses[0.0]
+    assert endpoint > 0 and losses[2.0] - losses[0.0] == pytest.approx(2 * endpoint, rel=1e-4)
+    student.config.cd_anchor_weight = 1.0
     student.eval()
     calls = _count_calls(student)
     for steps in (1, 2, 3):

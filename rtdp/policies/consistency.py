@@ -12,6 +12,15 @@ al.'s CD setting); with 0 it is the student itself under stop-gradient (the
 which on PushT drifted away from the teacher (see benchmarks/RESULTS.md).
 The target is rebuilt from the student on resume.
 
+The grid loss alone ties the one-step answer from ``sigma_max`` to the
+teacher only through a chain of 17 short jumps, each learnt approximately;
+the errors add up at the jump the policy actually takes. An endpoint term
+(weight ``cd_anchor_weight``) closes the chain as Consistency Trajectory
+Models' long jumps do: from fresh noise at ``sigma_max``, the teacher runs
+its own sampler to the end (its default: 3 Euler steps) and the student's
+single evaluation from the same noise is regressed onto that answer. The
+policy then reproduces the teacher as the teacher acts, per noise draw.
+
 The student uses the consistency parametrisation (``f(x, sigma_min) = x``
 exactly) and starts from the teacher's weights. It acts with one network
 evaluation: ``x0 = f(sigma_max z, sigma_max)``; with ``steps > 1`` it
@@ -28,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rtdp.core import get_sampler
 from rtdp.core.edm import EDMDenoiser
 from rtdp.core.schedules import sigmas_karras
 from rtdp.errors import ConfigError
@@ -46,6 +56,8 @@ class ConsistencyUnetConfig(EdmUnetConfig):
         cd_sigma_min: boundary level where f(x, sigma) = x.
         cd_target_ema: EMA rate mu of the target network (Song et al.'s CD: 0.95);
             0 makes the target the student itself under stop-gradient.
+        cd_anchor_weight: weight of the endpoint term (student's one step from
+            sigma_max against the teacher's own sampler from the same noise); 0 disables it.
     """
 
     sampler: str = "euler"
@@ -54,6 +66,7 @@ class ConsistencyUnetConfig(EdmUnetConfig):
     cd_scales: int = 18
     cd_sigma_min: float = 0.002
     cd_target_ema: float = 0.95
+    cd_anchor_weight: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +77,9 @@ class ConsistencyUnetConfig(EdmUnetConfig):
         self.cd_target_ema = float(self.cd_target_ema)
         if not 0.0 <= self.cd_target_ema < 1.0:
             raise ConfigError(f"cd_target_ema must be in [0, 1), got {self.cd_target_ema}")
+        self.cd_anchor_weight = float(self.cd_anchor_weight)
+        if not self.cd_anchor_weight >= 0.0:
+            raise ConfigError(f"cd_anchor_weight must be >= 0, got {self.cd_anchor_weight}")
         if not 0 < self.cd_sigma_min < self.sigma_max:
             raise ConfigError(f"cd_sigma_min must be in (0, sigma_max={self.sigma_max}), got {self.cd_sigma_min}")
         if self.num_inference_steps > MAX_STEPS:
@@ -165,7 +181,16 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
             tgt_cond = cond.detach() if tgt is self else tgt._encode(obs, random_crop=False, keep_goal=keep)
             target = tgt._denoiser()(x_lo, s_lo, tgt_cond)
         pred = self._denoiser()(x_hi, s_hi, cond)
-        return F.mse_loss(pred, target)
+        loss = F.mse_loss(pred, target)
+        if cfg.cd_anchor_weight > 0.0:
+            x_top = self._randn(x0.shape, generator, x0.dtype) * cfg.sigma_max
+            with torch.no_grad():
+                name, steps = teacher.config.sampler, teacher.config.num_inference_steps
+                answer = get_sampler(name)(tden, x_top, teacher._sigmas(name, steps).to(x0.dtype), cond=t_cond,
+                                           generator=generator)
+            top = torch.full((bsz,), cfg.sigma_max, device=self.device, dtype=x0.dtype)
+            loss = loss + cfg.cd_anchor_weight * F.mse_loss(self._denoiser()(x_top, top, cond), answer)
+        return loss
 
     @torch.no_grad()
     def predict_action_chunk(
