@@ -16,14 +16,13 @@ mkdir -p "$OUT"
 [ -f "$OUT/lift_edm/summary.json" ] || $RTDP train task=lift policy=edm policy.size=medium data="$OUT/lift.zarr" \
     out="$OUT/lift_edm" steps=4000 lr=1e-4 eval_every=1000 eval_episodes=10 checkpoint_every=500 threads=1 resume=true
 
-# Consistency policies distilled from the EDM teachers
-# (PushT with the EMA target, mu = 0.95; the stop-gradient target, cd_target_ema=0 lr=1e-4, drifted to 0% success)
+# Consistency policies distilled from the EDM teachers: grid loss with the EMA target (mu = 0.95) plus the
+# endpoint term (cd_anchor_weight=1: one step from sigma_max against the teacher's own edm-3 answer)
 [ -f "$OUT/pusht_cm/summary.json" ] || $RTDP train policy=consistency policy.teacher="$OUT/pusht_edm/checkpoint" \
-    data="$OUT/pusht.zarr" out="$OUT/pusht_cm" steps=2000 lr=5e-5 warmup_steps=100 eval_every=500 eval_episodes=20 \
+    data="$OUT/pusht.zarr" out="$OUT/pusht_cm" steps=3000 lr=5e-5 warmup_steps=100 eval_every=1000 eval_episodes=20 \
     checkpoint_every=500 threads=1 resume=true
-# (Lift was distilled with the stop-gradient target)
 [ -f "$OUT/lift_cm/summary.json" ] || $RTDP train task=lift policy=consistency policy.teacher="$OUT/lift_edm/checkpoint" \
-    policy.cd_target_ema=0 data="$OUT/lift.zarr" out="$OUT/lift_cm" steps=1500 lr=5e-5 warmup_steps=100 eval_every=500 eval_episodes=10 \
+    data="$OUT/lift.zarr" out="$OUT/lift_cm" steps=2000 lr=5e-5 warmup_steps=100 eval_every=1000 eval_episodes=10 \
     checkpoint_every=500 threads=1 resume=true
 
 # Goal-conditioned PushT: random goal per episode, goal dropped with p=0.1 in training
