@@ -81,8 +81,10 @@ def _start_control(port: str, cal_path, out, duration: float = 60.0):
     cmd = [sys.executable, "-m", "rtdp.cli", "control", "size=small", "driver=dynamixel", f"port={port}",
            f"motors=[{','.join(map(str, IDS))}]", f"calibration={cal_path}", f"duration_s={duration}",
            f"out={out}", "worker=thread", "threads=1", "live=false", "sampler=ddim", "steps=5"]
+    # started with SIGINT ignored, as a shell starts a background job: the run must stop on it all the same
     return subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 
 
 def _wait_for_motion(proc, emu, timeout: float = 120.0) -> None:

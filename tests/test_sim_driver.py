@@ -141,8 +141,10 @@ def test_rtdp_control_needs_a_policy(tmp_path):
 def test_sigint_during_motion_stops_the_sim_and_exits_130(tmp_path):
     cmd = [sys.executable, "-m", "rtdp.cli", "control", f"checkpoint={CKPT}", "episodes=1", "duration_s=60",
            f"out={tmp_path}", "worker=thread", "threads=1", "live=false"]
+    # started with SIGINT ignored, as a shell starts a background job: the run must stop on it all the same
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line = ""
         t_end = time.monotonic() + 120

@@ -296,6 +296,9 @@ def run_control(cfg) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     rec = RunRecord()
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    # A shell starts background jobs (`rtdp control ... &`, nohup) with SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler; the robot must still stop on SIGINT, so the run installs it.
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     old_cpus = os.sched_getaffinity(0) if loop_cpus else None
     if loop_cpus:
         # the loop, and the simulator or emulator it starts next, keep off the worker's CPUs
@@ -399,6 +402,7 @@ def run_control(cfg) -> dict[str, Any]:
         if old_cpus is not None:
             os.sched_setaffinity(0, old_cpus)
         signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
 
     late = np.concatenate(rec.lateness_ms) if rec.lateness_ms else np.zeros(0)
     inf = np.asarray(rec.inference_ms)
