@@ -13,7 +13,8 @@ which on PushT drifted away from the teacher (see benchmarks/RESULTS.md).
 The target is rebuilt from the student on resume.
 
 The grid loss alone ties the one-step answer from ``sigma_max`` to the
-teacher only through a chain of 17 short jumps, each learnt approximately;
+teacher only through the chain of the grid's short jumps (17 at the default
+18 levels), each learnt approximately;
 the errors add up at the jump the policy actually takes. An endpoint term
 (weight ``cd_anchor_weight``) closes the chain as Consistency Trajectory
 Models' long jumps do: from fresh noise at ``sigma_max``, the teacher runs
