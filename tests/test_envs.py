@@ -56,3 +56,11 @@ def test_env_creates_resets_deterministically_and_steps(name: str) -> None:
 def test_unknown_task_is_a_typed_error_listing_known_tasks() -> None:
     with pytest.raises(UnknownNameError, match="pusht"):
         get_task("pushT")
+
+
+def test_seeds_are_the_listed_eval_seeds_then_continue_consecutively() -> None:
+    task = get_task("pusht")
+    assert task.seeds(3) == [100000, 100001, 100002]
+    assert task.seeds(50) == list(task.eval_seeds)
+    many = task.seeds(200)
+    assert many[:50] == list(task.eval_seeds) and many[-1] == 100199 and len(set(many)) == 200

@@ -61,6 +61,14 @@ class TaskSpec:
     expert: str = ""
     dataset_aliases: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
+    def seeds(self, n: int) -> list[int]:
+        """The first ``n`` evaluation seeds; past the end of ``eval_seeds`` they continue consecutively.
+
+        Diffusion Policy's protocol is 50 seeds from 100000; 200 episodes are seeds 100000..100199.
+        """
+        listed = [int(s) for s in self.eval_seeds[: int(n)]]
+        return listed + list(range(listed[-1] + 1, listed[-1] + 1 + int(n) - len(listed))) if listed else []
+
 
 TASKS: dict[str, TaskSpec] = {}
 

@@ -219,7 +219,7 @@ def _bench_obs(task: TaskSpec, policy, n: int) -> list[dict[str, np.ndarray]]:
     env = make(task)
     out = []
     try:
-        for seed in list(task.eval_seeds)[:n]:
+        for seed in task.seeds(n):
             obs, _ = env.reset(seed=int(seed))
             out.append({k: np.stack([obs[k]] * policy.config.n_obs_steps)[None] for k in keys})
     finally:
@@ -304,7 +304,7 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
             diffs.append(float(np.mean((_normalised_actions(runner, o, noise) - _normalised_actions(plain, o, noise)) ** 2)))
         row["action_mse_vs_plain"] = float(np.mean(diffs))
     if episodes > 0:
-        seeds = list(task.eval_seeds)[:episodes]
+        seeds = task.seeds(episodes)
         nfe_log: list[int] = []
         res = evaluate_checkpoint_policy(policy, task, seeds, sampler=cfg.sampler, steps=cfg.steps, batch=batch,
                                          progress=progress, nfe_log=nfe_log, **cfg.options)

@@ -319,7 +319,7 @@ def run_control(cfg) -> dict[str, Any]:
         with driver:
             rate = float(cfg.rate_hz or getattr(driver, "rate_hz", 50.0))
             if cfg.driver == "sim":
-                seeds = list(driver.task.eval_seeds)[: int(cfg.episodes)]
+                seeds = driver.task.seeds(int(cfg.episodes))
                 first = driver.reset(seeds[0])
             else:
                 seeds = [None]

@@ -58,7 +58,7 @@ def demo(cfg) -> dict[str, Any]:
     print(f"[demo] output folder: {out.resolve()}")
 
     print(f"[demo] 1/3 scripted expert on {int(cfg.episodes)} evaluation seeds")
-    seeds = list(task.eval_seeds)[: int(cfg.episodes)]
+    seeds = task.seeds(int(cfg.episodes))
     expert = rollout_expert(task, seeds)
 
     if cfg.train:

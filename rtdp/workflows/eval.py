@@ -149,9 +149,7 @@ def evaluate(
             raise CheckpointError("rtdp eval needs checkpoint=<folder> (or expert=true task=<name>)")
         policy, meta = load_checkpoint(checkpoint)
         task = get_task(task_name or meta.get("task") or "pusht")
-    seeds = list(task.eval_seeds)[:episodes]
-    if len(seeds) < episodes:
-        seeds = list(range(int(task.eval_seeds[0]), int(task.eval_seeds[0]) + episodes))
+    seeds = task.seeds(episodes)
     out_dir = Path(out) if out is not None else (Path(checkpoint).parent / "eval" if checkpoint else Path("outputs/eval"))
     out_dir.mkdir(parents=True, exist_ok=True)
 

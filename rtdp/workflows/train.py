@@ -272,7 +272,7 @@ def train(cfg) -> dict[str, Any]:
         _plot_curves(out, log, int(cfg.threads))
 
     def evaluate() -> None:
-        seeds = list(task.eval_seeds)[: int(cfg.eval_episodes)]
+        seeds = task.seeds(int(cfg.eval_episodes))
         runner = Runner(ema, cfg.eval_sampler, None if cfg.eval_steps is None else int(cfg.eval_steps))
         res = evaluate_checkpoint_policy(ema, task, seeds, sampler=runner.name, steps=runner.steps, progress=False)
         log.append({"step": step, "time_s": round(train_time, 1), "eval_score": res.mean_score, "eval_success": res.success_rate})
