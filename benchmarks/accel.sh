@@ -42,3 +42,15 @@ $RTDP bench checkpoint="$OUT/pusht_goal_edm/checkpoint" \
 # Diffusion Policy's own network sizes, freshly initialised (timing only)
 $RTDP bench size=dp_lowdim configs=[ddpm-100,ddim-10,dpmpp-8,edm-3,stream-1,stream-2,cm-1] json="$OUT/bench_dp_lowdim.json"
 $RTDP bench size=dp_image configs=[ddim-10,edm-3,stream-1,stream-2,cm-1] calls=50 json="$OUT/bench_dp_image.json"
+
+# 200 episodes (seeds 100000..100199), where 50 cannot resolve a 3-point bound
+$RTDP bench checkpoint="$OUT/pusht_small/checkpoint" configs=[ddpm-100,ddim-10,ddim-100,dpmpp-8] episodes=200 \
+    threads=1 json="$OUT/bench_pusht_ddim_200.json"
+$RTDP bench checkpoint="$OUT/pusht_small/checkpoint" configs=[dpmpp-10] episodes=200 threads=1 \
+    json="$OUT/bench_pusht_dpmpp10_200.json"
+$RTDP bench checkpoint="$OUT/pusht_edm/checkpoint" checkpoints="[$OUT/pusht_cm/checkpoint]" configs=[edm-3,cm-1] \
+    episodes=200 threads=1 json="$OUT/bench_pusht_cm_200.json"
+$RTDP bench checkpoint="$OUT/lift_small/checkpoint" configs=[ddim-10,dpmpp-10,ddpm-100] episodes=200 threads=1 \
+    json="$OUT/bench_lift_ddim_200.json"
+$RTDP bench checkpoint="$OUT/lift_small/checkpoint" configs=[ddpm-10,ddim-100] episodes=50 threads=1 \
+    json="$OUT/bench_lift_ddpm10.json"

@@ -21,6 +21,20 @@ $RTDP bench checkpoint="$OUT/pusht_tf/checkpoint" \
     configs=[ddpm-100,ddpm-100+bac10,ddpm-100+uniform10,ddpm-100+bac20,ddpm-100+uniform20] episodes=50 \
     json=$R/bench_pusht_tf_bac.json
 
+# The same transformer with non-causal attention, PushT and Lift, 10,000 steps each; BAC vs uniform at 10/15/20
+# updates per block (success beside other work, then Lift's latency on quiet cores)
+for task in pusht lift; do
+    [ -d "$OUT/$task.zarr" ] || $RTDP collect task=$task episodes=200 seed=0 out="$OUT/$task.zarr"
+    [ -f "$OUT/${task}_tfnc/summary.json" ] || $RTDP train task=$task policy=transformer data="$OUT/$task.zarr" \
+        out="$OUT/${task}_tfnc" steps=10000 lr=3e-4 batch_size=64 policy.n_emb=128 policy.causal_attn=false \
+        weight_decay=1e-3 warmup_steps=500 eval_every=0 eval_episodes=0 checkpoint_every=500 threads=1 resume=true
+    $RTDP bench checkpoint="$OUT/${task}_tfnc/checkpoint" episodes=50 calls=10 threads=1 \
+        configs=[ddpm-100,ddpm-100+bac10,ddpm-100+uniform10,ddpm-100+bac15,ddpm-100+uniform15,ddpm-100+bac20,ddpm-100+uniform20] \
+        json=$R/bench_${task}_tfnc_bac.json
+done
+$RTDP bench checkpoint="$OUT/lift_tfnc/checkpoint" calls=20 json=$R/bench_lift_tfnc_timing.json \
+    configs=[ddpm-100,ddpm-100+bac20,ddpm-100+uniform20,ddpm-100+bac15,ddpm-100+uniform15,ddpm-100+bac10,ddpm-100+uniform10]
+
 # Image path: UNet2DModel 16/32/64/64 at 64 px on 2,000 rendered scenes, DDIM-50 with DeepCache
 [ -f "$OUT/scenes64/meta.json" ] || $RTDP image out="$OUT/scenes64" size=64 channels=[16,32,64,64] steps=1500 \
     batch_size=16 lr=4e-4 threads=1
