@@ -54,3 +54,12 @@ $RTDP bench checkpoint="$OUT/lift_small/checkpoint" configs=[ddim-10,dpmpp-10,dd
     json="$OUT/bench_lift_ddim_200.json"
 $RTDP bench checkpoint="$OUT/lift_small/checkpoint" configs=[ddpm-10,ddim-100] episodes=50 threads=1 \
     json="$OUT/bench_lift_ddpm10.json"
+
+# The best combination: streaming at 2 NFE with int8 weights (success on the trained EDM policies, then timing)
+$RTDP bench checkpoint="$OUT/pusht_edm/checkpoint" threads=1 episodes=50 calls=10 \
+    configs=[stream-1,stream-1+fast,stream-1+int8,stream-1+int8dyn,stream-2+int8dyn] json="$OUT/bench_pusht_stream_combos.json"
+$RTDP bench checkpoint="$OUT/lift_edm/checkpoint" threads=1 episodes=50 calls=10 configs=[stream-2+int8dyn] \
+    json="$OUT/bench_lift_stream2_int8dyn.json"
+$RTDP bench size=dp_lowdim configs=[ddpm-100,edm-3,stream-2,stream-2+int8dyn,stream-1+int8dyn,cm-1+int8dyn] calls=20 \
+    json="$OUT/bench_dp_lowdim_best.json"
+$RTDP bench size=dp_image configs=[ddpm-100,stream-2,stream-2+int8dyn] calls=5 warmup=1 json="$OUT/bench_dp_image_best.json"
