@@ -63,3 +63,5 @@ $RTDP bench checkpoint="$OUT/lift_edm/checkpoint" threads=1 episodes=50 calls=10
 $RTDP bench size=dp_lowdim configs=[ddpm-100,edm-3,stream-2,stream-2+int8dyn,stream-1+int8dyn,cm-1+int8dyn] calls=20 \
     json="$OUT/bench_dp_lowdim_best.json"
 $RTDP bench size=dp_image configs=[ddpm-100,stream-2,stream-2+int8dyn] calls=5 warmup=1 json="$OUT/bench_dp_image_best.json"
+$RTDP bench checkpoint="$OUT/pusht_small/checkpoint" configs=[ddpm-100+deepcache4] episodes=50 threads=1 \
+    json="$OUT/bench_pusht_dc4.json"
