@@ -66,8 +66,11 @@ class TaskSpec:
 
         Diffusion Policy's protocol is 50 seeds from 100000; 200 episodes are seeds 100000..100199.
         """
-        listed = [int(s) for s in self.eval_seeds[: int(n)]]
-        return listed + list(range(listed[-1] + 1, listed[-1] + 1 + int(n) - len(listed))) if listed else []
+        n = int(n)
+        listed = [int(s) for s in self.eval_seeds[:n]]
+        if not listed:
+            return []
+        return listed + list(range(listed[-1] + 1, listed[-1] + 1 + n - len(listed)))
 
 
 TASKS: dict[str, TaskSpec] = {}
