@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from rtdp.cli import compose
 from rtdp.data.replay_buffer import ReplayBuffer
 from rtdp.errors import CheckpointError, MissingKeyError
-from rtdp.workflows.train import ema_decay, lr_at, train
+from rtdp.workflows.train import action_error, ema_decay, lr_at, train
 
 TINY = ["steps=6", "checkpoint_every=3", "batch_size=8", "policy.down_dims=[8,16]", "eval_episodes=0", "threads=1",
         "warmup_steps=2"]
@@ -105,3 +105,35 @@ def test_resume_without_a_run_is_a_checkpoint_error(tmp_path) -> None:
     (tmp_path / "a/train_state").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="state.json"):
         train(compose("train", [f"data={store}", f"out={tmp_path / 'a'}", *TINY, "resume=true"]))
+
+
+def test_action_error_logged_at_checkpoints_in_normalised_units(tmp_path) -> None:
+    from rtdp.data.dataset import SequenceDataset, load_arrays
+    from rtdp.policies.inference import Runner
+    from rtdp.workflows.eval import load_checkpoint
+
+    store = _store(tmp_path / "d.zarr")
+    summary = train(compose("train", [f"data={store}", f"out={tmp_path / 'a'}", *TINY, "action_error_windows=5"]))
+    log = json.loads((tmp_path / "a/train_state/state.json").read_text())["log"]
+    errors = {r["step"]: r["action_mse"] for r in log if "action_mse" in r}
+    assert sorted(errors) == [3, 6]  # one per checkpoint
+    assert summary["action_mse"] == errors[6]
+
+    # The same error from the saved EMA weights, with the action range computed here from the raw store.
+    policy, _ = load_checkpoint(tmp_path / "a/checkpoint")
+    buffer = ReplayBuffer.open(store, mode="r")
+    arrays = load_arrays(buffer, ["keypoint", "agent_pos", "action"], {"agent_pos": ("state", 0, 2)})
+    dataset = SequenceDataset(arrays, np.asarray(buffer.episode_ends), obs_keys=["keypoint", "agent_pos"],
+                              horizon=16, n_obs_steps=2, n_action_steps=8)
+    batch = dataset.sample_batch(np.arange(4))
+    pred = Runner(policy, seed=0).predict(batch["obs"]).numpy()
+    lo, hi = arrays["action"].min(0), arrays["action"].max(0)
+    unit = lambda a: 2 * (a - lo) / (hi - lo) - 1  # noqa: E731 - Diffusion Policy's "limits" normalisation
+    expected = np.mean((unit(pred) - unit(batch["action"][:, 1:9].numpy())) ** 2)
+    assert action_error(policy, batch) == pytest.approx(expected, rel=1e-5)
+    assert expected > 0
+
+    # 0 turns it off
+    summary = train(compose("train", [f"data={store}", f"out={tmp_path / 'b'}", *TINY, "action_error_windows=0"]))
+    log = json.loads((tmp_path / "b/train_state/state.json").read_text())["log"]
+    assert "action_mse" not in summary and not any("action_mse" in r for r in log)

@@ -2,7 +2,8 @@
 
 One loop for every policy and task: AdamW with linear warm-up and cosine
 decay, an EMA copy of the weights (Diffusion Policy's power-0.75 schedule),
-periodic evaluation rollouts, and checkpoints that resume bit for bit
+periodic evaluation rollouts, the EMA policy's action error on fixed
+training windows at every checkpoint, and checkpoints that resume bit for bit
 (weights, EMA, optimiser moments, step and every RNG state are saved as
 safetensors + JSON; nothing is pickled).
 """
@@ -162,6 +163,40 @@ def _load_state(path: Path, model, ema, opt, np_rng: np.random.Generator) -> dic
     return meta
 
 
+def action_error(policy, batch: dict, sampler: str | None = None, steps: int | None = None, seed: int = 0) -> float:
+    """Mean squared error of sampled actions against the demonstrated ones, normalised units.
+
+    Diffusion Policy's ``train_action_mse_error``: how far the policy's
+    actions for recorded observations are from what the demonstrator did. The
+    denoising loss cannot show this (it falls for any network that models the
+    noise well at most levels); a policy whose actions miss the
+    demonstrations by much more than another's fails in closed loop.
+
+    Args:
+        policy: a trained rtdp policy.
+        batch: ``SequenceDataset.sample_batch`` output (obs (B, To, ...), action (B, T, Da)).
+        sampler, steps: the inference setting (default: the policy's own; a
+            streaming setting falls back to the default, as windows are independent).
+        seed: seed of the sampling noise, so two calls on one policy agree.
+
+    Returns:
+        the mean over windows, executed actions and action dimensions.
+    """
+    import torch
+
+    from rtdp.policies.inference import Runner
+
+    if sampler == "stream":
+        sampler, steps = None, None
+    runner = Runner(policy, sampler, steps, seed=seed)
+    pred = runner.predict(batch["obs"])
+    start = policy.config.n_obs_steps - 1
+    target = batch["action"][:, start : start + pred.shape[1]].to(pred.dtype)
+    norm = policy.normalizer
+    with torch.no_grad():
+        return float(((norm.normalize("action", pred) - norm.normalize("action", target)) ** 2).mean())
+
+
 def _plot_curves(out: Path, log: list[dict], threads: int) -> None:
     import matplotlib
 
@@ -170,6 +205,7 @@ def _plot_curves(out: Path, log: list[dict], threads: int) -> None:
 
     losses = [r for r in log if "loss" in r]
     evals = [r for r in log if "eval_score" in r]
+    errors = [r for r in log if "action_mse" in r]
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
     ax = axes[0, 0]
     if losses:
@@ -182,7 +218,14 @@ def _plot_curves(out: Path, log: list[dict], threads: int) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("optimiser step")
         ax.set_ylabel("denoising loss")
-        ax.legend()
+        if errors:
+            twin = ax.twinx()
+            twin.plot([r["step"] for r in errors], [r["action_mse"] for r in errors], "k.-",
+                      label="action error (MSE to demos)")
+            twin.set_yscale("log")
+            twin.set_ylabel("action error, normalised units")
+            twin.legend(loc="upper right")
+        ax.legend(loc="upper left")
     if evals:
         ax = axes[0, 1]
         ax.plot([r["time_s"] / 60 for r in evals], [r["eval_score"] for r in evals], "o-", label="mean score")
@@ -228,7 +271,8 @@ def train(cfg) -> dict[str, Any]:
     np_rng = np.random.default_rng(int(cfg.seed))
     model = build_policy(task, cfg.policy, arrays, stats)
     policy_config = model.config
-    ema = copy.deepcopy(model).requires_grad_(False)
+    # The EMA copy only samples (evaluation, action error, checkpoints): eval mode, so dropout is off there.
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), betas=(0.95, 0.999), weight_decay=float(cfg.weight_decay))
     dataset = SequenceDataset(
         arrays,
@@ -266,7 +310,20 @@ def train(cfg) -> dict[str, Any]:
             json.dumps({**run_info, "train_steps": step, "train_time_s": round(train_time, 1), **extra}, indent=2)
         )
 
+    # Fixed training windows for the action error, drawn from their own RNG so
+    # the training batches (and a resumed run) are the same with or without them.
+    n_err = min(int(cfg.get("action_error_windows", 0) or 0), len(dataset))
+    err_batch = None
+    if n_err > 0:
+        err_idx = np.random.default_rng(int(cfg.seed) + 1).choice(len(dataset), size=n_err, replace=False)
+        err_batch = dataset.sample_batch(err_idx)
+
     def checkpoint() -> None:
+        if err_batch is not None and not (log and log[-1].get("step") == step and "action_mse" in log[-1]):
+            err = action_error(ema, err_batch, cfg.eval_sampler,
+                               None if cfg.eval_steps is None else int(cfg.eval_steps), seed=int(cfg.seed))
+            log.append({"step": step, "time_s": round(train_time, 1), "action_mse": err})
+            bar.write(f"step {step}: action error {err:.3e} (MSE to the demonstrations, {n_err} training windows)")
         save_weights(out / "checkpoint")
         _save_state(state_dir, model, ema, opt, step, np_rng, {"train_time_s": train_time, "log": log, "run": run_info})
         _plot_curves(out, log, int(cfg.threads))
@@ -325,6 +382,9 @@ def train(cfg) -> dict[str, Any]:
         evaluate()
         checkpoint()
     summary = {**run_info, "train_steps": step, "train_time_s": round(train_time, 1), "checkpoint": str(out / "checkpoint")}
+    errors = [r["action_mse"] for r in log if "action_mse" in r]
+    if errors:
+        summary["action_mse"] = errors[-1]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"trained {step} steps in {train_time / 60:.1f} min on {run_info['n_episodes']} episodes; "
           f"checkpoint: {out / 'checkpoint'}, curves: {out / 'curves.png'}")
