@@ -1,6 +1,6 @@
 """Golden tests of rtdp.core against diffusers' schedulers.
 
-DDPM/DDIM, Euler, Euler ancestral, Heun and DPM-Solver++(2M) each run the same
+DDPM/DDIM, Euler, Euler ancestral, Heun, DPM-Solver++(2M) and its SDE form each run the same
 dummy network as the matching diffusers scheduler, from the same start and with
 the same noise, and must give the same sample.
 """
@@ -23,6 +23,7 @@ from rtdp.core import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
@@ -296,7 +297,8 @@ def test_registry():
 
 # ------------------------------------------------ Euler, Euler ancestral, Heun, DPM-Solver++(2M)
 
-SAMPLER_FNS = {"euler": sample_euler, "euler_a": sample_euler_ancestral, "heun": sample_heun, "dpmpp": sample_dpmpp_2m}
+SAMPLER_FNS = {"euler": sample_euler, "euler_a": sample_euler_ancestral, "heun": sample_heun, "dpmpp": sample_dpmpp_2m,
+               "dpmpp_sde": sample_dpmpp_2m_sde}
 
 # diffusers' scheduler for each sampler, with the settings the rtdp sampler implements.
 DIFFUSERS_SCHEDULERS = {
@@ -304,7 +306,9 @@ DIFFUSERS_SCHEDULERS = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
 }
+DPM_SOLVERS = ("dpmpp", "dpmpp_sde")  # levels on training steps, started from the VP noise
 
 # Two training schedules (beta 1e-4..0.02 for "linear"):
 # - "linear": sigma in [0.01, 1.32], well conditioned: samples stay near the data.
@@ -324,7 +328,7 @@ def _make_den(name: str, model, ac: torch.Tensor, prediction_type: str = "epsilo
     of its np.interp (sigma linear in t); with Karras sigmas diffusers maps
     sigma to t by log-sigma interpolation (its ``_sigma_to_t``).
     """
-    if name == "dpmpp" and not karras:
+    if name in DPM_SOLVERS and not karras:
         return DiscreteEpsDenoiser(model, ac, clip_x0=None, prediction_type=prediction_type)
     interp = "log" if karras else "linear"
     return DiscreteEpsDenoiser(
@@ -356,7 +360,7 @@ def _run_diffusers(name, beta_schedule, steps, model, prediction_type="epsilon",
     noise = _noise(dtype)
     # Euler/Heun start at sigma_max * noise (VE); DPM-Solver starts at the VP noise itself.
     x = noise * sch.init_noise_sigma
-    start = x.clone() if name != "dpmpp" else vp_noise_to_start(noise, float(sch.sigmas[0]))
+    start = x.clone() if name not in DPM_SOLVERS else vp_noise_to_start(noise, float(sch.sigmas[0]))
     gen = torch.Generator().manual_seed(seed)
     for t in sch.timesteps:
         out = model(sch.scale_model_input(x, t), t.expand(BATCH))
@@ -577,7 +581,7 @@ def test_nfe_counts_network_calls(name):
 
     steps = 6
     sigmas = get_sigmas(name, ac, steps)
-    den = DiscreteEpsDenoiser(counted, ac, clip_x0=None, quantize=name in ("ddpm", "ddim", "dpmpp"))
+    den = DiscreteEpsDenoiser(counted, ac, clip_x0=None, quantize=name in ("ddpm", "ddim", *DPM_SOLVERS))
     seen = []
     get_sampler(name)(den, vp_noise_to_start(_noise(torch.float32), sigmas[0]), sigmas, callback=seen.append)
     expected = 2 * steps - 1 if name == "heun" else steps
@@ -593,7 +597,7 @@ def test_samplers_reach_the_data_distribution_karras_family():
         lambda x, t, c: eps_model(x, t) - 0.05 * torch.tanh(x), ac, clip_x0=None, quantize=False
     )
     noise = torch.randn(256, 16, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    for name, steps in (("euler", 50), ("euler_a", 100), ("heun", 25), ("dpmpp", 25)):
+    for name, steps in (("euler", 50), ("euler_a", 100), ("heun", 25), ("dpmpp", 25), ("dpmpp_sde", 50)):
         sigmas = get_sigmas(name, ac, steps)
         x = vp_noise_to_start(noise, sigmas[0])
         out = get_sampler(name)(den, x, sigmas, generator=torch.Generator().manual_seed(4))

@@ -4,7 +4,7 @@ Evaluation, benchmarking and the control loop name an inference setting by
 ``sampler`` and ``steps`` (``rtdp bench`` prints them as ``<sampler>-<steps>``):
 
 * a core sampler (``ddpm``, ``ddim``, ``euler``, ``euler_a``, ``heun``,
-  ``dpmpp``) on the checkpoint's own noise schedule;
+  ``dpmpp``, ``dpmpp_sde``) on the checkpoint's own noise schedule;
 * ``edm``: Euler on the Karras schedule of an EDM policy (BESO's sampler);
 * ``stream``: the streaming buffer of an EDM policy, ``steps`` network
   evaluations per observation;
