@@ -81,3 +81,20 @@ def test_bench_packed_network_on_the_shipped_checkpoint(tmp_path):
     assert fast["floor_ms_per_nfe"] == pytest.approx(plain["floor_ms_per_nfe"], rel=0.01)
     assert low["floor_ms_per_nfe"] < 0.4 * plain["floor_ms_per_nfe"]
 
+
+
+def test_bench_episodes_are_compared_seed_by_seed(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "checkpoint=rtdp/assets/checkpoints/pusht/checkpoint", "configs=[ddim-3,ddim-1]",
+                 "episodes=3", "calls=2", "warmup=1", "mse_observations=1", "threads=1", f"json={out}"])
+    assert code == 0
+    ref, one = json.loads(out.read_text())["configs"]
+    for r in (ref, one):
+        assert len(r["episode_success"]) == r["episodes"] == 3
+        assert sum(r["episode_success"]) == round(r["success_rate"] * 3)
+    assert "paired_vs" not in ref and one["paired_vs"] == "ddim-3"  # no ddpm-100 here: the first one is the reference
+    pairs = list(zip(ref["episode_success"], one["episode_success"]))
+    assert one["paired_only_reference"] == sum(a and not b for a, b in pairs)
+    assert one["paired_only_this"] == sum(b and not a for a, b in pairs)
+    assert 0 < one["paired_p"] <= 1
+    assert "p=" in capsys.readouterr().out

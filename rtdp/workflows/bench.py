@@ -35,7 +35,7 @@ import numpy as np
 
 from rtdp.envs import TaskSpec, get_task
 from rtdp.errors import ConfigError
-from rtdp.workflows.metrics import wilson_interval
+from rtdp.workflows.metrics import paired_comparison, wilson_interval
 
 DEFAULT_CONFIGS = {
     "diffusion_unet": ["ddpm-100", "ddim-10", "dpmpp-8", "dpmpp-5"],
@@ -316,8 +316,26 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
             "success_rate": res.success_rate,
             "success_ci95": list(wilson_interval(res.n_success, len(res.episodes))),
             "mean_score": res.mean_score,
+            "episode_success": [bool(e.success) for e in res.episodes],  # in seed order, task.seeds(episodes)
         })
     return row
+
+
+def add_paired_comparisons(rows: list[dict[str, Any]]) -> None:
+    """Compare every configuration's episodes with the reference's, seed by seed (in place).
+
+    The reference is ``ddpm-100`` when it ran episodes, else the first
+    configuration that did. Adds ``paired_vs``, ``paired_only_reference``,
+    ``paired_only_this`` and ``paired_p`` (McNemar's exact test) to the others.
+    """
+    with_episodes = [r for r in rows if "episode_success" in r]
+    ref = next((r for r in with_episodes if r["name"] == "ddpm-100"), with_episodes[0] if with_episodes else None)
+    for r in with_episodes:
+        if r is ref or len(r["episode_success"]) != len(ref["episode_success"]):
+            continue
+        cmp = paired_comparison(ref["episode_success"], r["episode_success"])
+        r.update({"paired_vs": ref["name"], "paired_only_reference": cmp["only_reference"],
+                  "paired_only_this": cmp["only_other"], "paired_p": cmp["p_value"]})
 
 
 def bench(
@@ -407,6 +425,7 @@ def bench(
         rows.append(bench_config(c, p, task, calls=calls, warmup=warmup, obs_list=obs_list, bandwidth_gbs=bandwidth,
                                  episodes=int(episodes), batch=batch, reference=references.get(id(p)),
                                  progress=progress, fidelity=size is None))
+    add_paired_comparisons(rows)
     base = next((r for r in rows if r["name"] == "ddpm-100"), None)
     for r in rows:
         r["speedup_per_action_vs_ddpm100"] = (base["ms_per_action"] / r["ms_per_action"]) if base else None
@@ -465,7 +484,7 @@ def print_bench(report: dict[str, Any]) -> None:
     print(f"rtdp bench: {report['task']}  size {report['size']}  {report['device']}  threads {report['threads']}  "
           f"memory bandwidth {report['memory_bandwidth_gbs']:.1f} GB/s")
     header = (f"{'config':<18}{'NFE':>5}{'p50 ms':>10}{'p99 ms':>10}{'ms/act':>9}{'ms/NFE':>9}{'floor':>8}"
-              f"{'mse':>10}{'mse/plain':>10}{'x ddpm100':>11}{'success':>22}")
+              f"{'mse':>10}{'mse/plain':>10}{'x ddpm100':>11}{'success':>22}{'paired':>18}")
     print(header)
     for r in report["configs"]:
         mse = "-" if r["action_mse"] is None else f"{r['action_mse']:.2e}"
@@ -475,9 +494,11 @@ def print_bench(report: dict[str, Any]) -> None:
         if "success_rate" in r:
             lo, hi = r["success_ci95"]
             succ = f"{r['success_rate']:.0%} ({lo:.0%}-{hi:.0%}) n={r['episodes']}"
+        # episodes won and lost against the reference on the same seeds, and McNemar's p
+        paired = f"+{r['paired_only_this']}/-{r['paired_only_reference']} p={r['paired_p']:.2f}" if "paired_p" in r else ""
         print(f"{r['name']:<18}{r['nfe_per_chunk']:>5}{r['latency_ms_p50']:>10.1f}{r['latency_ms_p99']:>10.1f}"
               f"{r['ms_per_action']:>9.2f}{r['ms_per_nfe']:>9.2f}{r['floor_ms_per_nfe']:>8.2f}{mse:>10}{mse_plain:>10}{sp:>11}"
-              f"{succ:>22}")
+              f"{succ:>22}{paired:>18}")
 
 
 def run(cfg) -> dict[str, Any]:
