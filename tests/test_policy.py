@@ -67,7 +67,7 @@ def test_unet_shapes_and_sizes():
 
 
 def test_config_validation_messages():
-    with pytest.raises(ConfigError, match="sampler must be one of ddim, ddpm, dpmpp, euler, euler_a, heun, got 'nosuch'"):
+    with pytest.raises(ConfigError, match="sampler must be one of ddim, ddpm, dpmpp, dpmpp_sde, euler, euler_a, heun, got 'nosuch'"):
         DiffusionUnetConfig(lowdim_shapes={"s": (2,)}, action_dim=2, sampler="nosuch")
     with pytest.raises(ConfigError, match="beta_schedule must be one of"):
         DiffusionUnetConfig(lowdim_shapes={"s": (2,)}, action_dim=2, beta_schedule="cosine")
