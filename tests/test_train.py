@@ -137,3 +137,12 @@ def test_action_error_logged_at_checkpoints_in_normalised_units(tmp_path) -> Non
     summary = train(compose("train", [f"data={store}", f"out={tmp_path / 'b'}", *TINY, "action_error_windows=0"]))
     log = json.loads((tmp_path / "b/train_state/state.json").read_text())["log"]
     assert "action_mse" not in summary and not any("action_mse" in r for r in log)
+
+
+def test_bad_betas_are_a_config_error(tmp_path) -> None:
+    from rtdp.errors import ConfigError
+
+    store = _store(tmp_path / "d.zarr")
+    with pytest.raises(ConfigError, match="betas must be two numbers"):
+        train(compose("train", [f"data={store}", f"out={tmp_path / 'a'}", *TINY, "betas=[0.9,1.5]"]))
+    assert not (tmp_path / "a/train_state").exists()  # nothing written before the check

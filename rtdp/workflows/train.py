@@ -273,7 +273,10 @@ def train(cfg) -> dict[str, Any]:
     policy_config = model.config
     # The EMA copy only samples (evaluation, action error, checkpoints): eval mode, so dropout is off there.
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), betas=(0.95, 0.999), weight_decay=float(cfg.weight_decay))
+    betas = tuple(float(b) for b in cfg.betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"betas must be two numbers in [0, 1), e.g. [0.95, 0.999], got {list(cfg.betas)!r}")
+    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), betas=betas, weight_decay=float(cfg.weight_decay))
     dataset = SequenceDataset(
         arrays,
         episode_ends,
