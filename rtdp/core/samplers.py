@@ -321,29 +321,7 @@ def sample_dpmpp_2m(
     Returns:
         the sample at ``sigmas[-1]``, (B, T, D).
     """
-    s = sigmas.tolist()
-    batch = x.shape[0]
-    old_x0: torch.Tensor | None = None
-    h_last = 0.0
-    for i in range(len(s) - 1):
-        sigma, sigma_next = s[i], s[i + 1]
-        x0 = denoiser(x, x.new_full((batch,), sigma), cond)
-        if sigma_next == 0:
-            # lambda_next = inf: the exponential integrator lands on x0_hat.
-            x = x0
-        else:
-            h = math.log(sigma / sigma_next)
-            if old_x0 is None:
-                d = x0
-            else:
-                r = h_last / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
-            x = (sigma_next / sigma) * x - math.expm1(-h) * d
-            h_last = h
-        old_x0 = x0
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
-    return x
+    return _dpmpp_2m(denoiser, x, sigmas, 0.0, cond, generator, callback)
 
 
 @torch.no_grad()
@@ -383,6 +361,12 @@ def sample_dpmpp_2m_sde(
     Returns:
         the sample at ``sigmas[-1]``, (B, T, D).
     """
+    return _dpmpp_2m(denoiser, x, sigmas, 1.0, cond, generator, callback)
+
+
+def _dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, eta: float, cond: Any,
+              generator: torch.Generator | None, callback: Callback | None) -> torch.Tensor:
+    # k-diffusion's sample_dpmpp_2m_sde with its eta: 0 is the ODE solver (no noise drawn), 1 the SDE one.
     s = sigmas.tolist()
     batch = x.shape[0]
     old_x0: torch.Tensor | None = None
@@ -390,14 +374,17 @@ def sample_dpmpp_2m_sde(
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
         x0 = denoiser(x, x.new_full((batch,), sigma), cond)
-        z = _randn_like(x, generator)
+        z = _randn_like(x, generator) if eta else None  # one draw per step, the last included (diffusers)
         if sigma_next == 0:
+            # lambda_next = inf: the exponential integrator lands on x0_hat.
             x = x0
         else:
             h = math.log(sigma / sigma_next)
-            keep = -math.expm1(-2 * h)  # 1 - e^-2h
+            eh = eta * h
             d = x0 if old_x0 is None else x0 + (0.5 * h / h_last) * (x0 - old_x0)
-            x = (sigma_next / sigma) * math.exp(-h) * x + keep * d + sigma_next * math.sqrt(keep) * z
+            x = (sigma_next / sigma) * math.exp(-eh) * x - math.expm1(-h - eh) * d
+            if z is not None:
+                x = x + sigma_next * math.sqrt(-math.expm1(-2 * eh)) * z
             h_last = h
         old_x0 = x0
         if callback is not None:
