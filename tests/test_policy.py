@@ -69,6 +69,8 @@ def test_unet_shapes_and_sizes():
 def test_config_validation_messages():
     with pytest.raises(ConfigError, match="sampler must be one of ddim, ddpm, dpmpp, dpmpp_sde, euler, euler_a, heun, got 'nosuch'"):
         DiffusionUnetConfig(lowdim_shapes={"s": (2,)}, action_dim=2, sampler="nosuch")
+    with pytest.raises(ConfigError, match="prediction_type must be one of epsilon, sample, v_prediction, got 'x0'"):
+        DiffusionUnetConfig(lowdim_shapes={"s": (2,)}, action_dim=2, prediction_type="x0")
     with pytest.raises(ConfigError, match="beta_schedule must be one of"):
         DiffusionUnetConfig(lowdim_shapes={"s": (2,)}, action_dim=2, beta_schedule="cosine")
     with pytest.raises(ConfigError, match="down_dims must be a tuple of ints or one of small, medium, dp_lowdim, dp_image"):
@@ -138,6 +140,34 @@ def test_loss_decreases_on_tiny_dataset():
         opt.step()
         assert np.isfinite(loss.item())
     assert held_out_loss() < 0.7 * before
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_prediction_types_train_and_sample_what_they_name(prediction_type):
+    # Demonstrations that are one fixed trajectory c: an oracle that outputs exactly the quantity the
+    # prediction type names (diffusers' definitions, from x_t and the known c) has zero loss, and the
+    # samplers turn its outputs back into c. A target or a denoiser wired to the wrong type fails both.
+    policy = lowdim_policy(prediction_type=prediction_type)
+    c_env = np.stack([np.full(8, 384.0), np.linspace(-0.5, 0.5, 8)], -1).astype(np.float32)  # (T, Da)
+    c = policy.normalizer.normalize("action", torch.from_numpy(c_env))
+    ac = policy.alphas_cumprod
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x_t, t, cond):
+            abar = ac[torch.as_tensor(t).long()].reshape(-1, 1, 1)
+            a, s = abar.sqrt(), (1 - abar).sqrt()
+            eps = (x_t - a * c) / s
+            return {"epsilon": eps, "sample": c.expand_as(x_t), "v_prediction": a * eps - s * c}[prediction_type]
+
+    policy.model = Oracle()
+    obs = lowdim_obs(batch=4, steps=2, seed=3)
+    batch = {"obs": obs, "action": np.broadcast_to(c_env, (4, 8, 2)).copy()}
+    loss = policy.compute_loss(batch, generator=torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-10
+    for sampler, steps in (("ddim", 5), ("ddpm", 10), ("dpmpp", 5)):
+        with torch.no_grad():
+            out = policy.predict_action_chunk(obs, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(1))
+        np.testing.assert_allclose(out.numpy(), np.broadcast_to(c_env[1:5], (4, 4, 2)), atol=1e-3)
 
 
 @pytest.mark.parametrize("sampler, steps", [("ddpm", None), ("ddim", 10)])

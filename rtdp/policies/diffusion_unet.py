@@ -30,6 +30,7 @@ from torch import nn
 from rtdp.core import (
     fast_network,
     BETA_SCHEDULES,
+    PREDICTION_TYPES,
     SAMPLERS,
     DiscreteEpsDenoiser,
     get_sampler,
@@ -93,6 +94,10 @@ class DiffusionUnetConfig:
         num_train_timesteps: N of the DDPM training schedule.
         beta_schedule: one of ``rtdp.core.BETA_SCHEDULES``.
         clip_sample: clip predicted x0 to [-1, 1] while sampling.
+        prediction_type: what the network is trained to predict, one of
+            ``rtdp.core.PREDICTION_TYPES`` (diffusers' names): the noise
+            (``"epsilon"``, Diffusion Policy's default), the clean trajectory
+            (``"sample"``) or ``"v_prediction"``.
         crop_shape: (h, w) image crop (random in training, center at inference); None: no crop.
         sampler: default sampler, a key of ``rtdp.core.SAMPLERS``.
         num_inference_steps: default number of sampler steps.
@@ -113,6 +118,7 @@ class DiffusionUnetConfig:
     num_train_timesteps: int = 100
     beta_schedule: str = "squaredcos_cap_v2"
     clip_sample: bool = True
+    prediction_type: str = "epsilon"
     crop_shape: tuple[int, int] | None = (84, 84)
     sampler: str = "ddpm"
     num_inference_steps: int = 100
@@ -174,6 +180,10 @@ class DiffusionUnetConfig:
                 raise ConfigError(f"crop_shape {self.crop_shape} must fit inside image_shapes[{key!r}] = {shape}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ConfigError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {self.beta_schedule!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(
+                f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}"
+            )
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler must be one of {', '.join(sorted(SAMPLERS))}, got {self.sampler!r}")
         if self.num_inference_steps > self.num_train_timesteps:
@@ -488,7 +498,8 @@ class DiffusionUnetPolicy(nn.Module):
         if den is None or den.alphas_cumprod.device != ac.device or den.alphas_cumprod.dtype != ac.dtype:
             kwargs = {"quantize": False, "sigma_interpolation": "linear"} if fractional else {}
             den = DiscreteEpsDenoiser(
-                self.model, self.alphas_cumprod, clip_x0=1.0 if self.config.clip_sample else None, **kwargs
+                self.model, self.alphas_cumprod, clip_x0=1.0 if self.config.clip_sample else None,
+                prediction_type=self.config.prediction_type, **kwargs
             )
             # Kept out of the module tree: it wraps self.model, which must not appear twice in the state dict.
             cache[fractional] = den
@@ -648,7 +659,7 @@ class DiffusionUnetPolicy(nn.Module):
         return obs, self.normalizer.normalize("action", action)
 
     def compute_loss(self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDPM epsilon-prediction loss on a batch of demonstrations.
+        """DDPM loss on a batch of demonstrations (the target follows ``config.prediction_type``).
 
         Args:
             batch: ``{"obs": {key: (B, >=To, *shape)}, "action": (B, T, Da)}`` in env
@@ -656,7 +667,8 @@ class DiffusionUnetPolicy(nn.Module):
             generator: source of the noise, timesteps and crops (default: torch's global RNG).
 
         Returns:
-            scalar mean-squared error between true and predicted noise.
+            scalar mean-squared error between the network's output and its target: the noise,
+            the clean trajectory, or ``v = sqrt(abar) * noise - sqrt(1 - abar) * x0``.
 
         Raises:
             ConfigError: normaliser not set.
@@ -672,7 +684,9 @@ class DiffusionUnetPolicy(nn.Module):
         t = torch.randint(0, cfg.num_train_timesteps, (bsz,), generator=generator, device=gen_device).to(self.device)
         ac = self.alphas_cumprod[t].reshape(-1, 1, 1)
         x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
-        return F.mse_loss(self.model(x_t, t, cond), noise)
+        kind = cfg.prediction_type
+        target = noise if kind == "epsilon" else x0 if kind == "sample" else ac.sqrt() * noise - (1 - ac).sqrt() * x0
+        return F.mse_loss(self.model(x_t, t, cond), target)
 
     @torch.no_grad()
     def predict_action_chunk(

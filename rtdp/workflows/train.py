@@ -75,13 +75,15 @@ def build_policy_config(task: TaskSpec, policy_cfg, arrays: dict[str, np.ndarray
         sampler=str(policy_cfg.sampler),
         num_inference_steps=int(policy_cfg.num_inference_steps),
     )
+    # what the DDPM network predicts (Diffusion Policy's noise_scheduler.prediction_type); EDM has its own preconditioning
+    ddpm = {"prediction_type": str(policy_cfg.prediction_type)} if "prediction_type" in policy_cfg else {}
     if policy_cfg.name == "unet":
-        return DiffusionUnetConfig(**common)
+        return DiffusionUnetConfig(**common, **ddpm)
     if policy_cfg.name == "transformer":
         from rtdp.policies.transformer import TransformerDiffusionConfig
 
         extra = {k: policy_cfg[k] for k in _TRANSFORMER_FIELDS if k in policy_cfg}
-        return TransformerDiffusionConfig(**common, **extra)
+        return TransformerDiffusionConfig(**common, **ddpm, **extra)
     extra = {k: policy_cfg[k] for k in _EDM_FIELDS if k in policy_cfg}
     if "goal_keys" in extra:
         extra["goal_keys"] = tuple(extra["goal_keys"] or ())
