@@ -65,3 +65,16 @@ $RTDP bench size=dp_lowdim configs=[ddpm-100,edm-3,stream-2,stream-2+int8dyn,str
 $RTDP bench size=dp_image configs=[ddpm-100,stream-2,stream-2+int8dyn] calls=5 warmup=1 json="$OUT/bench_dp_image_best.json"
 $RTDP bench checkpoint="$OUT/pusht_small/checkpoint" configs=[ddpm-100+deepcache4] episodes=50 threads=1 \
     json="$OUT/bench_pusht_dc4.json"
+
+# A second Lift DDPM network: small U-Net, batch 128, 5,000 steps (the medium one above loses 6 points with DDIM),
+# epsilon and sample prediction; deterministic and stochastic few-step samplers against its DDPM-100
+for pt in epsilon sample; do
+    out="$OUT/lift_small_$pt"
+    [ -f "$out/summary.json" ] || $RTDP train task=lift data="$OUT/lift.zarr" out="$out" steps=5000 lr=5e-4 \
+        batch_size=128 eval_every=0 eval_episodes=0 checkpoint_every=500 threads=1 policy.size=small \
+        policy.prediction_type=$pt resume=true
+    $RTDP bench checkpoint="$out/checkpoint" configs=[ddpm-100,ddim-10,dpmpp-10,dpmpp_sde-10,ddpm-10] episodes=50 \
+        threads=1 calls=10 json="$OUT/bench_lift_small_$pt.json"
+done
+$RTDP bench checkpoint="$OUT/lift_small_epsilon/checkpoint" configs=[ddpm-100,ddim-10,dpmpp-10] episodes=200 threads=1 \
+    calls=10 json="$OUT/bench_lift_small_epsilon_200.json"

@@ -40,3 +40,12 @@ $RTDP bench checkpoint="$OUT/lift_tfnc/checkpoint" calls=20 json=$R/bench_lift_t
     batch_size=16 lr=4e-4 threads=1
 $RTDP bench image="$OUT/scenes64" configs=[ddim-50,ddim-50+deepcache2,ddim-50+deepcache3,ddim-50+deepcache4] \
     json=$R/bench_image_deepcache.json
+
+# Can each network fit 20 demonstrations? The action error (MSE of sampled actions to the demonstrations) is
+# logged at every checkpoint; the transformer run was stopped at step 1,250
+[ -f "$OUT/fit20_unet/summary.json" ] || $RTDP train task=pusht data="$OUT/pusht.zarr" out="$OUT/fit20_unet" \
+    max_episodes=20 steps=2000 lr=5e-4 batch_size=64 warmup_steps=200 eval_every=0 eval_episodes=0 \
+    checkpoint_every=250 threads=1 policy.size=small resume=true
+$RTDP train task=pusht policy=transformer data="$OUT/pusht.zarr" out="$OUT/fit20_tf" max_episodes=20 steps=2000 \
+    lr=1e-3 batch_size=64 policy.n_emb=128 policy.causal_attn=false weight_decay=1e-3 warmup_steps=200 \
+    eval_every=0 eval_episodes=0 checkpoint_every=250 threads=1 resume=true
