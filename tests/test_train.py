@@ -133,6 +133,14 @@ def test_action_error_logged_at_checkpoints_in_normalised_units(tmp_path) -> Non
     assert action_error(policy, batch) == pytest.approx(expected, rel=1e-5)
     assert expected > 0
 
+    # the closing evaluation checkpoints again at the last step: the error is still logged once per step
+    overrides = [o for o in TINY if not o.startswith("eval_episodes")]
+    train(compose("train", [f"data={store}", f"out={tmp_path / 'c'}", *overrides, "eval_every=6", "eval_episodes=1",
+                            "eval_sampler=ddim", "eval_steps=2", "action_error_windows=5"]))
+    log = json.loads((tmp_path / "c/train_state/state.json").read_text())["log"]
+    assert [r["step"] for r in log if "action_mse" in r] == [3, 6]
+    assert [r["step"] for r in log if "eval_score" in r] == [6]
+
     # 0 turns it off
     summary = train(compose("train", [f"data={store}", f"out={tmp_path / 'b'}", *TINY, "action_error_windows=0"]))
     log = json.loads((tmp_path / "b/train_state/state.json").read_text())["log"]

@@ -324,7 +324,8 @@ def train(cfg) -> dict[str, Any]:
         err_batch = dataset.sample_batch(err_idx)
 
     def checkpoint() -> None:
-        if err_batch is not None and not (log and log[-1].get("step") == step and "action_mse" in log[-1]):
+        # once per step: the final evaluation checkpoints again at the step the loop just saved
+        if err_batch is not None and not any(r.get("step") == step and "action_mse" in r for r in log[-3:]):
             err = action_error(ema, err_batch, cfg.eval_sampler,
                                None if cfg.eval_steps is None else int(cfg.eval_steps), seed=int(cfg.seed))
             log.append({"step": step, "time_s": round(train_time, 1), "action_mse": err})
