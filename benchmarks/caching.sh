@@ -49,3 +49,6 @@ $RTDP bench image="$OUT/scenes64" configs=[ddim-50,ddim-50+deepcache2,ddim-50+de
 $RTDP train task=pusht policy=transformer data="$OUT/pusht.zarr" out="$OUT/fit20_tf" max_episodes=20 steps=2000 \
     lr=1e-3 batch_size=64 policy.n_emb=128 policy.causal_attn=false weight_decay=1e-3 warmup_steps=200 \
     eval_every=0 eval_episodes=0 checkpoint_every=250 threads=1 resume=true
+$RTDP train task=pusht policy=transformer data="$OUT/pusht.zarr" out="$OUT/fit20_tf_x0" max_episodes=20 steps=2000 \
+    lr=1e-3 batch_size=64 policy.n_emb=128 policy.causal_attn=false policy.prediction_type=sample weight_decay=1e-3 \
+    warmup_steps=200 eval_every=0 eval_episodes=0 checkpoint_every=250 threads=2 resume=true
