@@ -87,6 +87,19 @@ def compose(verb: str, overrides: list[str]):
     return cfg
 
 
+def task_name(cfg) -> str | None:
+    """The task a verb's config names, or None.
+
+    ``task=NAME`` selects the config group ``configs/task/NAME.yaml``, so
+    ``cfg.task`` is a node with a ``name``; a config built in code may hold
+    the plain name instead.
+    """
+    task = cfg.get("task")
+    if task is None or isinstance(task, str):
+        return task
+    return str(task.name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rtdp`` command."""
     args = list(sys.argv[1:] if argv is None else argv)

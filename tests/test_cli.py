@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rtdp.cli import compose, main
+from rtdp.cli import compose, main, task_name
 from rtdp.errors import ConfigError, UnknownNameError
 
 
@@ -43,3 +43,12 @@ def test_json_flag_spelling() -> None:
     from rtdp.cli import _normalise_args
 
     assert _normalise_args(["--json", "r.json", "episodes=3"]) == ["json=r.json", "episodes=3"]
+
+
+@pytest.mark.parametrize("verb,default", [("eval", None), ("bench", None), ("control", None), ("demo", "pusht")])
+def test_every_verb_takes_task_on_the_command_line(verb, default) -> None:
+    # `task` is also a config group (configs/task/): a plain key of that name could not be overridden.
+    assert task_name(compose(verb, [])) == default
+    assert task_name(compose(verb, ["task=lift"])) == "lift"
+    with pytest.raises(ConfigError, match="lift, pusht"):
+        compose(verb, ["task=nosuch"])

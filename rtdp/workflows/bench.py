@@ -503,6 +503,8 @@ def print_bench(report: dict[str, Any]) -> None:
 
 def run(cfg) -> dict[str, Any]:
     """CLI entry: ``rtdp bench checkpoint=DIR [checkpoints=[...]] [size=dp_lowdim] [configs=[...]] json=PATH``."""
+    from rtdp.cli import task_name
+
     if cfg.get("image"):
         return _run_image(cfg)
     checkpoints = [str(c) for c in (cfg.checkpoints or [])]
@@ -511,7 +513,7 @@ def run(cfg) -> dict[str, Any]:
     report = bench(
         checkpoints=checkpoints,
         size=cfg.size,
-        task_name=cfg.task,
+        task_name=task_name(cfg),
         configs=None if cfg.configs is None else [str(c) for c in cfg.configs],
         episodes=int(cfg.episodes),
         calls=int(cfg.calls),

@@ -269,6 +269,7 @@ def plot_timing(path: Path, rec: RunRecord, rate_hz: float, chunk_s: float, titl
 
 def run_control(cfg) -> dict[str, Any]:
     """Run ``rtdp control`` and return its report."""
+    from rtdp.cli import task_name as config_task_name
     from rtdp.controllers.clock import MonotonicClock
     from rtdp.controllers.controller import Controller
     from rtdp.controllers.loop import RateLoop, realtime_priority
@@ -284,7 +285,7 @@ def run_control(cfg) -> dict[str, Any]:
         raise UnknownNameError("seam", str(cfg.seam), SEAMS)
     if cfg.driver == "dynamixel" and cfg.duration_s is None:
         raise ConfigError("driver=dynamixel runs for a set time: pass duration_s=...")
-    task_name, obs_keys, n_obs, n_act = cfg.task, None, 2, 8
+    task_name, obs_keys, n_obs, n_act = config_task_name(cfg), None, 2, 8
     if cfg.checkpoint:
         ck_task, obs_keys, n_obs, n_act = _checkpoint_info(cfg)
         task_name = task_name or ck_task

@@ -35,24 +35,25 @@ def shipped_checkpoint(task: str) -> Path:
 
 
 def _train_here(cfg, out: Path) -> Path:
-    from rtdp.cli import compose
+    from rtdp.cli import compose, task_name
     from rtdp.workflows.collect import collect
     from rtdp.workflows.train import train
 
     store = out / "demos.zarr"
     if not store.exists():
-        collect(cfg.task, int(cfg.demos), store, seed=0, workers=2)
-    train_cfg = compose("train", [f"task={cfg.task}", f"data={store}", f"out={out / 'train'}",
+        collect(task_name(cfg), int(cfg.demos), store, seed=0, workers=2)
+    train_cfg = compose("train", [f"task={task_name(cfg)}", f"data={store}", f"out={out / 'train'}",
                                   f"steps={int(cfg.train_steps)}", "resume=true", f"threads={int(cfg.threads)}"])
     train(train_cfg)
     return out / "train" / "checkpoint"
 
 
 def demo(cfg) -> dict[str, Any]:
+    from rtdp.cli import task_name
     from rtdp.workflows.eval import evaluate, print_report
     from rtdp.workflows.rollout import rollout_expert
 
-    task = get_task(cfg.task)
+    task = get_task(task_name(cfg))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"[demo] output folder: {out.resolve()}")

@@ -230,9 +230,11 @@ def print_report(report: dict[str, Any]) -> None:
 
 def run(cfg) -> dict[str, Any]:
     """CLI entry: ``rtdp eval checkpoint=DIR episodes=50 sampler=ddim steps=10 json=PATH``."""
+    from rtdp.cli import task_name
+
     report = evaluate(
         None if cfg.expert else cfg.checkpoint,
-        task_name=cfg.task,
+        task_name=task_name(cfg),
         episodes=int(cfg.episodes),
         sampler=cfg.sampler,
         steps=cfg.steps,
