@@ -252,3 +252,45 @@ def test_observations_encoded_once_per_chunk(sampler, steps):
         runner.predict(obs)
         assert len(encoder_calls) == 1  # the ResNet runs once per chunk, for all To frames at once
     assert len(net_calls) == runner.last_nfe == steps
+
+
+def _record_conds(policy):
+    conds = []
+    inner = policy.model.forward
+
+    def recording(sample, timestep, global_cond=None):
+        conds.append(global_cond.detach().clone())
+        return inner(sample, timestep, global_cond)
+
+    policy.model.forward = recording
+    return conds
+
+
+def test_consistency_endpoint_term_at_moved_observations():
+    # Goal key "g" (2 columns) plus the goal flag stay put; only the state "s" (3 columns per step) moves.
+    teacher = _policy(goal_keys=("g",), goal_dropout=0.0)
+    data = {**teacher.config.to_dict(), "ladder_prob": 0.0, "num_inference_steps": 1, "cd_obs_noise": 0.1}
+    student = ConsistencyUnetPolicy(ConsistencyUnetConfig.from_dict(data))
+    student.set_normalizer(STATS)
+    student.load_state_dict(teacher.state_dict())
+    student.set_teacher(teacher)
+    t_conds, s_conds = _record_conds(teacher), _record_conds(student)
+    batch = {"obs": _obs(6), "action": torch.rand(6, H, DA) * 2 - 1}
+    with torch.no_grad():
+        student.compute_loss(batch, generator=torch.Generator().manual_seed(0))
+    clean = t_conds[0]
+    n_grid = 2
+    endpoint_teacher = t_conds[n_grid:]
+    assert len(endpoint_teacher) == teacher.config.num_inference_steps
+    # the student's calls: its grid prediction (clean) and its endpoint step (moved); the target network is separate
+    torch.testing.assert_close(s_conds[0], clean)
+    moved = s_conds[-1]
+    for c in endpoint_teacher:
+        torch.testing.assert_close(c, moved)  # teacher and student answer at the same moved observation
+    shift = (moved - clean).reshape(6, TO, -1)
+    # per-step features: g (2 columns, sorted first), s (3), the goal flag (1)
+    assert student._feature_slices() == {"g": slice(0, 2), "s": slice(2, 5)} and shift.shape[-1] == 6
+    assert torch.all(shift[..., :2] == 0) and torch.all(shift[..., 5] == 0)
+    assert torch.all(shift[..., 2:5] != 0) and 0.05 < float(shift[..., 2:5].std()) < 0.2
+    with pytest.raises(ConfigError, match="cd_obs_noise must be >= 0"):
+        ConsistencyUnetConfig.from_dict({**data, "cd_obs_noise": -1.0})

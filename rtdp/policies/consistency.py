@@ -21,6 +21,11 @@ Models' long jumps do: from fresh noise at ``sigma_max``, the teacher runs
 its own sampler to the end (its default: 3 Euler steps) and the student's
 single evaluation from the same noise is regressed onto that answer. The
 policy then reproduces the teacher as the teacher acts, per noise draw.
+With ``cd_obs_noise`` > 0 the endpoint term is asked at observations moved
+off the demonstrations (Gaussian noise of that standard deviation on the
+normalised low-dim features, the same for teacher and student), so the
+student follows the teacher in the states a closed loop drifts into, not
+only on the demonstrated ones.
 
 The student uses the consistency parametrisation (``f(x, sigma_min) = x``
 exactly) and starts from the teacher's weights. It acts with one network
@@ -59,6 +64,9 @@ class ConsistencyUnetConfig(EdmUnetConfig):
             0 makes the target the student itself under stop-gradient.
         cd_anchor_weight: weight of the endpoint term (student's one step from
             sigma_max against the teacher's own sampler from the same noise); 0 disables it.
+        cd_obs_noise: standard deviation of the noise on the normalised low-dim
+            observation features at which the endpoint term is asked (0: the
+            demonstrated observations only).
     """
 
     sampler: str = "euler"
@@ -68,6 +76,7 @@ class ConsistencyUnetConfig(EdmUnetConfig):
     cd_sigma_min: float = 0.002
     cd_target_ema: float = 0.95
     cd_anchor_weight: float = 1.0
+    cd_obs_noise: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +90,12 @@ class ConsistencyUnetConfig(EdmUnetConfig):
         self.cd_anchor_weight = float(self.cd_anchor_weight)
         if not self.cd_anchor_weight >= 0.0:
             raise ConfigError(f"cd_anchor_weight must be >= 0, got {self.cd_anchor_weight}")
+        self.cd_obs_noise = float(self.cd_obs_noise)
+        if not self.cd_obs_noise >= 0.0:
+            raise ConfigError(f"cd_obs_noise must be >= 0, got {self.cd_obs_noise}")
+        if self.cd_obs_noise > 0.0 and not set(self.lowdim_shapes) - set(self.goal_keys):
+            raise ConfigError("cd_obs_noise perturbs low-dim observations, and this policy has none besides goals; "
+                              "set policy.cd_obs_noise=0")
         if not 0 < self.cd_sigma_min < self.sigma_max:
             raise ConfigError(f"cd_sigma_min must be in (0, sigma_max={self.sigma_max}), got {self.cd_sigma_min}")
         if self.num_inference_steps > MAX_STEPS:
@@ -185,6 +200,9 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
         loss = F.mse_loss(pred, target)
         if cfg.cd_anchor_weight > 0.0:
             x_top = self._randn(x0.shape, generator, x0.dtype) * cfg.sigma_max
+            if cfg.cd_obs_noise > 0.0:
+                shift = self._obs_shift(cond.shape, generator, cond.dtype)
+                cond, t_cond = cond + shift, t_cond + shift
             with torch.no_grad():
                 name, steps = teacher.config.sampler, teacher.config.num_inference_steps
                 answer = get_sampler(name)(tden, x_top, teacher._sigmas(name, steps).to(x0.dtype), cond=t_cond,
@@ -192,6 +210,16 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
             top = torch.full((bsz,), cfg.sigma_max, device=self.device, dtype=x0.dtype)
             loss = loss + cfg.cd_anchor_weight * F.mse_loss(self._denoiser()(x_top, top, cond), answer)
         return loss
+
+    def _obs_shift(self, shape: torch.Size, generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+        """Noise of std ``cd_obs_noise`` on the conditioning's non-goal low-dim columns, zero elsewhere."""
+        cfg = self.config
+        per_step = shape[1] // cfg.n_obs_steps
+        mask = torch.zeros(per_step, device=self.device, dtype=dtype)
+        for key, cols in self._feature_slices().items():
+            if key not in cfg.goal_keys:
+                mask[cols] = 1.0
+        return self._randn(tuple(shape), generator, dtype) * cfg.cd_obs_noise * mask.repeat(cfg.n_obs_steps)
 
     @torch.no_grad()
     def predict_action_chunk(

@@ -106,7 +106,8 @@ def build_policy(task: TaskSpec, policy_cfg, arrays: dict[str, np.ndarray], stat
         data = {**teacher.config.to_dict(), "ladder_prob": 0.0, "num_inference_steps": 1,
                 "cd_scales": int(policy_cfg.cd_scales), "cd_sigma_min": float(policy_cfg.cd_sigma_min),
                 "cd_target_ema": float(policy_cfg.cd_target_ema),
-                "cd_anchor_weight": float(policy_cfg.cd_anchor_weight)}
+                "cd_anchor_weight": float(policy_cfg.cd_anchor_weight),
+                "cd_obs_noise": float(policy_cfg.get("cd_obs_noise", 0.0))}
         student = ConsistencyUnetPolicy(ConsistencyUnetConfig.from_dict(data))
         student.load_state_dict(teacher.state_dict())
         student.set_teacher(teacher)
