@@ -152,6 +152,43 @@ def test_cache_is_exact_when_every_step_updates_and_skips_otherwise():
     assert all(len(s) >= 3 for s in schedule.values())  # its own 3, plus any union
 
 
+def test_cached_sub_blocks_replay_what_they_stored_and_skip_their_norms():
+    # Reference: the plain network with forward hooks that replay each sub-block's output from its last
+    # update step, a second implementation of the cache; the cached one must agree with it exactly.
+    policy = _policy()
+    obs = {"s": torch.rand(1, 2, 3, generator=torch.Generator().manual_seed(1)).numpy()}
+    cal = _calibration(policy, 8)
+    schedule = cal.schedule(3)
+    step, store, handles = [-1], {}, []
+
+    def replay(name):
+        def hook(module, args, out):
+            if step[0] in schedule[name] or step[0] == 0:
+                store[name] = out
+                return out
+            return store[name]
+        return hook
+
+    for name, module in policy.model.named_modules():
+        if name in schedule:
+            handles.append(module.register_forward_hook(replay(name)))
+    handles.append(policy.model.register_forward_pre_hook(lambda m, a: step.__setitem__(0, step[0] + 1)))
+    reference = _act(Runner(policy, "ddim", 8), obs)
+    for h in handles:
+        h.remove()
+    cached = Runner(policy, "ddim", 8, cache="bac3", calibration=cal)
+    net = cached.policy.model
+    norm_calls = {}
+    for i, block in enumerate(net.net.blocks):
+        for kind, norm in zip(("self_attn", "cross_attn", "ffn"), (block.norm1, block.norm2, block.norm3)):
+            norm.register_forward_hook(lambda m, a, o, key=f"blocks.{i}.{kind}": norm_calls.update(
+                {key: norm_calls.get(key, 0) + 1}))
+    assert torch.equal(_act(cached, obs), reference)
+    # each sub-block's norm runs exactly at that sub-block's update steps
+    assert norm_calls == {n: w.calls for n, w in net.wrapped.items()}
+    assert norm_calls == {n: len(s | {0}) for n, s in schedule.items()}
+
+
 def test_cache_options_fail_clearly():
     policy = _policy()
     cal = _calibration(policy, 8)

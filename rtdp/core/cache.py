@@ -45,6 +45,11 @@ class CachedModule(nn.Module):
         except AttributeError:
             return getattr(self._modules["inner"], name)
 
+    def replays(self) -> bool:
+        """Whether the next call returns the stored output without running (its inputs are then unused)."""
+        owner = self._owner
+        return not owner.runs(self.name) and self.name in owner.store
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         owner = self._owner
         if owner.runs(self.name) or self.name not in owner.store:

@@ -66,6 +66,12 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
 
 
+def _replays(module: nn.Module) -> bool:
+    """True for a ``rtdp.core.cache.CachedModule`` about to replay its stored output."""
+    replays = getattr(module, "replays", None)
+    return replays is not None and replays()
+
+
 class DecoderBlock(nn.Module):
     """Pre-norm decoder block: causal self-attention, cross-attention, feed-forward."""
 
@@ -80,10 +86,13 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, memory: torch.Tensor, self_mask: torch.Tensor | None,
                 cross_mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, T, C), memory (B, S, C) -> (B, T, C)."""
-        y = self.norm1(x)
+        # A cached sub-block that replays its stored output ignores its input: skip that input's norm.
+        y = None if _replays(self.self_attn) else self.norm1(x)
         x = x + self.drop(self.self_attn(y, y, self_mask))
-        x = x + self.drop(self.cross_attn(self.norm2(x), memory, cross_mask))
-        return x + self.drop(self.ffn(self.norm3(x)))
+        y = None if _replays(self.cross_attn) else self.norm2(x)
+        x = x + self.drop(self.cross_attn(y, memory, cross_mask))
+        y = None if _replays(self.ffn) else self.norm3(x)
+        return x + self.drop(self.ffn(y))
 
 
 class TransformerForDiffusion(nn.Module):
