@@ -249,3 +249,31 @@ def test_unconvertible_layers_stay_plain_and_are_listed():
     with torch.no_grad():
         _close(fast(x), net(x))
 
+
+
+@needs_bf16
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_film_layers_that_read_the_observation_stay_fp32_under_bf16_activations(precision):
+    net = _unet()
+    fast = fast_network(net, precision)
+    backends = {name: m.backend for name, m in fast.named_modules() if isinstance(m, fastnet.PackedLinear)}
+    film = {n: b for n, b in backends.items() if "cond_encoder" in n}
+    rest = {n: b for n, b in backends.items() if "cond_encoder" not in n}
+    assert film and all(b == "onednn-fp32" or b == "aten-fp32" for b in film.values())
+    assert rest and all(b != "onednn-fp32" and b != "aten-fp32" for b in rest.values())
+    # asked for nothing kept, every layer takes the precision; int8dyn never keeps any
+    plain = fast_network(net, precision, fp32_layers=())
+    assert all(m.precision == precision for m in plain.modules() if isinstance(m, fastnet.PackedLinear))
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        dyn = fast_network(net, "int8dyn")
+        assert all(m.precision == "int8dyn" for m in dyn.modules() if isinstance(m, fastnet.PackedLinear))
+    # an observation change below bf16's resolution (at the FiLM layers' input, after Mish) moves the
+    # output only when those layers stay fp32
+    torch.manual_seed(3)
+    x, t, g = torch.randn(1, 16, 2), torch.tensor([3]), torch.full((1, 20), 0.75)
+    g2 = g + 2 ** -12
+    mish = nn.Mish()
+    assert torch.equal(mish(g).bfloat16(), mish(g2).bfloat16())
+    with torch.no_grad():
+        assert not torch.equal(fast(x, t, g), fast(x, t, g2))
+        assert torch.equal(plain(x, t, g), plain(x, t, g2))

@@ -133,6 +133,9 @@ class ConditionalUnet1D(nn.Module):
         n_groups: GroupNorm groups (must divide every entry of down_dims).
     """
 
+    # The FiLM layers read the observation: ``fast_network`` keeps them fp32 under bf16 / int8
+    bf16_sensitive_layers = ("cond_encoder",)
+
     def __init__(
         self,
         input_dim: int,
