@@ -78,3 +78,14 @@ for pt in epsilon sample; do
 done
 $RTDP bench checkpoint="$OUT/lift_small_epsilon/checkpoint" configs=[ddpm-100,ddim-10,dpmpp-10] episodes=200 threads=1 \
     calls=10 json="$OUT/bench_lift_small_epsilon_200.json"
+
+# The consistency student asked at observations moved off the demonstrations (policy.cd_obs_noise=0.05),
+# distilled from the shipped PushT EDM policy; 50, 200 and 500 episodes against its teacher
+[ -f "$OUT/pusht_cm_on/summary.json" ] || $RTDP train policy=consistency \
+    policy.teacher=rtdp/assets/checkpoints/pusht_edm/checkpoint policy.cd_obs_noise=0.05 data="$OUT/pusht.zarr" \
+    out="$OUT/pusht_cm_on" steps=3000 lr=5e-5 warmup_steps=100 eval_every=0 eval_episodes=0 checkpoint_every=500 \
+    threads=1 resume=true
+for n in 50 200 500; do
+    $RTDP bench checkpoint=rtdp/assets/checkpoints/pusht_edm/checkpoint checkpoints="[$OUT/pusht_cm_on/checkpoint]" \
+        configs=[edm-3,cm-1,cm-2] episodes=$n threads=1 json="$OUT/bench_pusht_cm_obsnoise_$n.json"
+done

@@ -52,3 +52,21 @@ $RTDP train task=pusht policy=transformer data="$OUT/pusht.zarr" out="$OUT/fit20
 $RTDP train task=pusht policy=transformer data="$OUT/pusht.zarr" out="$OUT/fit20_tf_x0" max_episodes=20 steps=2000 \
     lr=1e-3 batch_size=64 policy.n_emb=128 policy.causal_attn=false policy.prediction_type=sample weight_decay=1e-3 \
     warmup_steps=200 eval_every=0 eval_episodes=0 checkpoint_every=250 threads=2 resume=true
+
+# The transformer trained to predict the clean actions (sample prediction), non-causal, lr 1e-3: 10,000 steps,
+# then resumed to 20,000 (the cosine schedule restarts at half the peak); BAC vs uniform, then quiet timing
+[ -f "$OUT/pusht_tf_x0/summary.json" ] || $RTDP train task=pusht policy=transformer data="$OUT/pusht.zarr" \
+    out="$OUT/pusht_tf_x0" steps=10000 lr=1e-3 batch_size=64 policy.n_emb=128 policy.causal_attn=false \
+    policy.prediction_type=sample weight_decay=1e-3 warmup_steps=500 eval_every=0 eval_episodes=0 \
+    checkpoint_every=500 threads=1 resume=true
+[ -d "$OUT/pusht_tf_x0_20k" ] || { cp -r "$OUT/pusht_tf_x0" "$OUT/pusht_tf_x0_20k"; rm -f "$OUT"/pusht_tf_x0_20k/checkpoint/bac_*.json; }
+$RTDP train task=pusht policy=transformer data="$OUT/pusht.zarr" out="$OUT/pusht_tf_x0_20k" steps=20000 lr=1e-3 \
+    batch_size=64 policy.n_emb=128 policy.causal_attn=false policy.prediction_type=sample weight_decay=1e-3 \
+    warmup_steps=500 eval_every=0 eval_episodes=0 checkpoint_every=500 threads=1 resume=true
+for run in pusht_tf_x0 pusht_tf_x0_20k; do
+    $RTDP bench checkpoint="$OUT/$run/checkpoint" episodes=50 calls=10 threads=1 \
+        configs=[ddpm-100,ddpm-100+bac20,ddpm-100+uniform20,ddpm-100+bac15,ddpm-100+uniform15,ddpm-100+bac10,ddpm-100+uniform10] \
+        json=$R/bench_${run}_bac.json
+done
+$RTDP bench checkpoint="$OUT/pusht_tf_x0_20k/checkpoint" calls=20 json=$R/bench_pusht_tf_x0_20k_timing.json \
+    configs=[ddpm-100,ddpm-100+bac20,ddpm-100+uniform20,ddpm-100+bac15,ddpm-100+uniform15,ddpm-100+bac10,ddpm-100+uniform10]

@@ -20,3 +20,10 @@ $RTDP bench checkpoint=rtdp/assets/checkpoints/pusht_edm/checkpoint episodes=50 
     configs=[edm-3,edm-3+int8,edm-3+int8dyn,edm-3+fast] json="$OUT/bench6_pusht_fid.json"
 $RTDP bench checkpoint="$OUT/lift_edm/checkpoint" episodes=50 calls=5 \
     configs=[edm-3,edm-3+int8,edm-3+int8dyn,edm-3+fast] json="$OUT/bench6_lift_fid.json"
+
+# 500 paired episodes on PushT (seeds 100000..100499): the int8 forms against fp32, then again with the
+# FiLM layers kept fp32 under bf16 / int8 (the default since; the first run predates it)
+$RTDP bench checkpoint=rtdp/assets/checkpoints/pusht_edm/checkpoint episodes=500 calls=5 threads=1 \
+    configs=[edm-3,edm-3+fast,edm-3+int8,edm-3+int8dyn] json="$OUT/bench_pusht_int8_500.json"
+$RTDP bench checkpoint=rtdp/assets/checkpoints/pusht_edm/checkpoint episodes=500 calls=5 threads=1 \
+    configs=[edm-3,edm-3+int8,edm-3+bf16] json="$OUT/bench_pusht_int8_film_fp32_500.json"
