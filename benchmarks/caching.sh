@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 RTDP=${RTDP:-.venv/bin/rtdp}
 OUT=${OUT:-runs}
 R=benchmarks/results
+# BAC against uniform caching at 20, 15 and 10 updates per block, beside the uncached policy
+BUDGETS=[ddpm-100,ddpm-100+bac20,ddpm-100+uniform20,ddpm-100+bac15,ddpm-100+uniform15,ddpm-100+bac10,ddpm-100+uniform10]
 mkdir -p "$OUT" "$R"
 
 # Transformer policy (8 layers, width 128, DDPM 100 steps) on 200 scripted PushT demonstrations
@@ -29,11 +31,11 @@ for task in pusht lift; do
         out="$OUT/${task}_tfnc" steps=10000 lr=3e-4 batch_size=64 policy.n_emb=128 policy.causal_attn=false \
         weight_decay=1e-3 warmup_steps=500 eval_every=0 eval_episodes=0 checkpoint_every=500 threads=1 resume=true
     $RTDP bench checkpoint="$OUT/${task}_tfnc/checkpoint" episodes=50 calls=10 threads=1 \
-        configs=[ddpm-100,ddpm-100+bac10,ddpm-100+uniform10,ddpm-100+bac15,ddpm-100+uniform15,ddpm-100+bac20,ddpm-100+uniform20] \
+        configs=$BUDGETS \
         json=$R/bench_${task}_tfnc_bac.json
 done
 $RTDP bench checkpoint="$OUT/lift_tfnc/checkpoint" calls=20 json=$R/bench_lift_tfnc_timing.json \
-    configs=[ddpm-100,ddpm-100+bac20,ddpm-100+uniform20,ddpm-100+bac15,ddpm-100+uniform15,ddpm-100+bac10,ddpm-100+uniform10]
+    configs=$BUDGETS
 
 # Image path: UNet2DModel 16/32/64/64 at 64 px on 2,000 rendered scenes, DDIM-50 with DeepCache
 [ -f "$OUT/scenes64/meta.json" ] || $RTDP image out="$OUT/scenes64" size=64 channels=[16,32,64,64] steps=1500 \
@@ -65,8 +67,8 @@ $RTDP train task=pusht policy=transformer data="$OUT/pusht.zarr" out="$OUT/pusht
     warmup_steps=500 eval_every=0 eval_episodes=0 checkpoint_every=500 threads=1 resume=true
 for run in pusht_tf_x0 pusht_tf_x0_20k; do
     $RTDP bench checkpoint="$OUT/$run/checkpoint" episodes=50 calls=10 threads=1 \
-        configs=[ddpm-100,ddpm-100+bac20,ddpm-100+uniform20,ddpm-100+bac15,ddpm-100+uniform15,ddpm-100+bac10,ddpm-100+uniform10] \
+        configs=$BUDGETS \
         json=$R/bench_${run}_bac.json
 done
 $RTDP bench checkpoint="$OUT/pusht_tf_x0_20k/checkpoint" calls=20 json=$R/bench_pusht_tf_x0_20k_timing.json \
-    configs=[ddpm-100,ddpm-100+bac20,ddpm-100+uniform20,ddpm-100+bac15,ddpm-100+uniform15,ddpm-100+bac10,ddpm-100+uniform10]
+    configs=$BUDGETS

@@ -256,11 +256,11 @@ def test_unconvertible_layers_stay_plain_and_are_listed():
 def test_film_layers_that_read_the_observation_stay_fp32_under_bf16_activations(precision):
     net = _unet()
     fast = fast_network(net, precision)
-    backends = {name: m.backend for name, m in fast.named_modules() if isinstance(m, fastnet.PackedLinear)}
-    film = {n: b for n, b in backends.items() if "cond_encoder" in n}
-    rest = {n: b for n, b in backends.items() if "cond_encoder" not in n}
-    assert film and all(b == "onednn-fp32" or b == "aten-fp32" for b in film.values())
-    assert rest and all(b != "onednn-fp32" and b != "aten-fp32" for b in rest.values())
+    layers = {name: m.precision for name, m in fast.named_modules() if isinstance(m, fastnet.PackedLinear)}
+    film = [p for n, p in layers.items() if "cond_encoder" in n]
+    rest = [p for n, p in layers.items() if "cond_encoder" not in n]
+    assert film and all(p == "fp32" for p in film)
+    assert rest and all(p == precision for p in rest)
     # asked for nothing kept, every layer takes the precision; int8dyn never keeps any
     plain = fast_network(net, precision, fp32_layers=())
     assert all(m.precision == precision for m in plain.modules() if isinstance(m, fastnet.PackedLinear))
