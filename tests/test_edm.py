@@ -294,3 +294,28 @@ def test_consistency_endpoint_term_at_moved_observations():
     assert torch.all(shift[..., 2:5] != 0) and 0.05 < float(shift[..., 2:5].std()) < 0.2
     with pytest.raises(ConfigError, match="cd_obs_noise must be >= 0"):
         ConsistencyUnetConfig.from_dict({**data, "cd_obs_noise": -1.0})
+
+
+def test_consistency_endpoint_term_also_at_anchor_observations():
+    teacher = _policy()
+    data = {**teacher.config.to_dict(), "ladder_prob": 0.0, "num_inference_steps": 1}
+    student = ConsistencyUnetPolicy(ConsistencyUnetConfig.from_dict(data))
+    student.set_normalizer(STATS)
+    student.load_state_dict(teacher.state_dict())
+    student.set_teacher(teacher)
+    batch = {"obs": _obs(4), "action": torch.rand(4, H, DA) * 2 - 1}
+    anchor = _obs(3)
+    with torch.no_grad():
+        base = float(student.compute_loss(batch, generator=torch.Generator().manual_seed(2)))
+        t_conds = _record_conds(teacher)
+        s_conds = _record_conds(student)
+        more = float(student.compute_loss({**batch, "anchor_obs": anchor}, generator=torch.Generator().manual_seed(2)))
+    steps = teacher.config.num_inference_steps
+    # grid Heun step (2), the endpoint on the demonstrations (steps), then again at the anchor windows (steps)
+    assert len(t_conds) == 2 + 2 * steps
+    expected = teacher._encode(teacher._check_obs(anchor, exact_steps=False), random_crop=False)
+    for c in t_conds[2 + steps:]:
+        torch.testing.assert_close(c, expected)
+    torch.testing.assert_close(s_conds[-1], expected)  # the student answers at the same windows
+    # the same draws up to the anchor term, which adds its (positive) MSE
+    assert more > base

@@ -154,3 +154,63 @@ def test_bad_betas_are_a_config_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match="betas must be two numbers"):
         train(compose("train", [f"data={store}", f"out={tmp_path / 'a'}", *TINY, "betas=[0.9,1.5]"]))
     assert not (tmp_path / "a/train_state").exists()  # nothing written before the check
+
+
+def test_dagger_round_trains_the_student_at_its_own_recorded_observations(tmp_path, monkeypatch) -> None:
+    """rtdp eval record_obs= -> rtdp train policy=consistency policy.init= anchor_obs=: the windows reach the loss."""
+    from rtdp.errors import ConfigError, DatasetError
+    from rtdp.policies.consistency import ConsistencyUnetPolicy
+    from rtdp.workflows.eval import evaluate
+
+    store = _store(tmp_path / "d.zarr")
+    tiny = [t for t in TINY if not t.startswith("policy.")]
+    train(compose("train", [f"data={store}", f"out={tmp_path / 'edm'}", "policy=edm", "policy.down_dims=[8,16]",
+                            *tiny]))
+    teacher = f"policy.teacher={tmp_path / 'edm/checkpoint'}"
+    train(compose("train", [f"data={store}", f"out={tmp_path / 'cm'}", "policy=consistency", teacher, *tiny]))
+    # the student's own closed-loop windows, on seeds away from the evaluation seeds
+    rec = tmp_path / "obs.npz"
+    report = evaluate(tmp_path / "cm/checkpoint", episodes=2, first_seed=7000, record_obs=rec, video=False,
+                      latency_calls=1, threads=1, out=tmp_path / "ev")
+    assert report["sampler"] == "cm" and [e["seed"] for e in report["per_episode"]] == [7000, 7001]
+    windows = np.load(rec)
+    n = sum(-(-e["length"] // 8) for e in report["per_episode"])  # one window per 8 executed actions
+    assert report["recorded_obs"]["windows"] == n
+    assert windows["keypoint"].shape == (n, 2, 9, 2) and windows["agent_pos"].shape == (n, 2, 2)
+    # the first window of an episode is its reset observation, repeated To times
+    assert np.array_equal(windows["agent_pos"][0, 0], windows["agent_pos"][0, 1])
+
+    seen = []
+    real = ConsistencyUnetPolicy.compute_loss
+
+    def recording(self, batch, **kw):
+        seen.append(batch.get("anchor_obs"))
+        return real(self, batch, **kw)
+
+    monkeypatch.setattr(ConsistencyUnetPolicy, "compute_loss", recording)
+    out = tmp_path / "cm_dagger"
+    train(compose("train", [f"data={store}", f"out={out}", "policy=consistency", teacher,
+                            f"policy.init={tmp_path / 'cm/checkpoint'}", f"anchor_obs={rec}", *tiny]))
+    assert len(seen) == 6
+    recorded = {tuple(row.ravel()) for row in windows["agent_pos"]}
+    for anchor in seen:
+        assert anchor["agent_pos"].shape == (8, 2, 2)  # batch_size windows per step
+        assert all(tuple(row.ravel()) in recorded for row in anchor["agent_pos"])
+    assert json.loads((out / "summary.json").read_text())["anchor_windows"] == n
+    # policy.init starts from the earlier student, not from the teacher
+    monkeypatch.setattr(ConsistencyUnetPolicy, "compute_loss", real)
+    from rtdp.workflows.train import build_policy
+    student = build_policy(None, compose("train", [f"data={store}", f"out={tmp_path / 'u'}", "policy=consistency",
+                                                   teacher, f"policy.init={tmp_path / 'cm/checkpoint'}"]).policy, {}, {})
+    ref = load_file(str(tmp_path / "cm/checkpoint/model.safetensors"))
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+
+    with pytest.raises(ConfigError, match="anchor_obs feeds the consistency"):
+        train(compose("train", [f"data={store}", f"out={tmp_path / 'x'}", f"anchor_obs={rec}", *TINY]))
+    with pytest.raises(DatasetError, match="does not exist"):
+        train(compose("train", [f"data={store}", f"out={tmp_path / 'y'}", "policy=consistency", teacher,
+                                f"anchor_obs={tmp_path / 'none.npz'}", *tiny]))
+    with pytest.raises(ConfigError, match="policy.init must be a consistency checkpoint"):
+        train(compose("train", [f"data={store}", f"out={tmp_path / 'z'}", "policy=consistency", teacher,
+                                f"policy.init={tmp_path / 'edm/checkpoint'}", *tiny]))

@@ -25,7 +25,10 @@ With ``cd_obs_noise`` > 0 the endpoint term is asked at observations moved
 off the demonstrations (Gaussian noise of that standard deviation on the
 normalised low-dim features, the same for teacher and student), so the
 student follows the teacher in the states a closed loop drifts into, not
-only on the demonstrated ones.
+only on the demonstrated ones. Observations the student met in its own
+closed-loop rollouts can be given too (``rtdp train anchor_obs=PATH``): the
+endpoint term is then also asked there, the teacher labelling the student's
+states as in DAgger (Ross et al. 2011).
 
 The student uses the consistency parametrisation (``f(x, sigma_min) = x``
 exactly) and starts from the teacher's weights. It acts with one network
@@ -166,6 +169,11 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
     def compute_loss(self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Consistency-distillation loss against the attached teacher.
 
+        ``batch["anchor_obs"]`` (optional): more observation windows, e.g. the
+        states the student itself visited (``rtdp eval record_obs=PATH``),
+        at which only the endpoint term is asked: DAgger for the one-step
+        policy, where the teacher labels the student's own states.
+
         Raises:
             ConfigError: no teacher attached (``set_teacher``).
         """
@@ -199,17 +207,35 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
         pred = self._denoiser()(x_hi, s_hi, cond)
         loss = F.mse_loss(pred, target)
         if cfg.cd_anchor_weight > 0.0:
-            x_top = self._randn(x0.shape, generator, x0.dtype) * cfg.sigma_max
-            if cfg.cd_obs_noise > 0.0:
-                shift = self._obs_shift(cond.shape, generator, cond.dtype)
-                cond, t_cond = cond + shift, t_cond + shift
-            with torch.no_grad():
-                name, steps = teacher.config.sampler, teacher.config.num_inference_steps
-                answer = get_sampler(name)(tden, x_top, teacher._sigmas(name, steps).to(x0.dtype), cond=t_cond,
-                                           generator=generator)
-            top = torch.full((bsz,), cfg.sigma_max, device=self.device, dtype=x0.dtype)
-            loss = loss + cfg.cd_anchor_weight * F.mse_loss(self._denoiser()(x_top, top, cond), answer)
+            loss = loss + cfg.cd_anchor_weight * self._endpoint_loss(cond, t_cond, x0.shape, generator)
+            extra = batch.get("anchor_obs")
+            if extra is not None:
+                # observations the student met in its own rollouts (DAgger): the teacher answers there too
+                a_obs = self._check_obs(extra, exact_steps=False)
+                a_bsz = next(iter(a_obs.values())).shape[0]
+                a_cond, a_keep = self._training_cond(a_obs, a_bsz, generator)
+                with torch.no_grad():
+                    a_t_cond = teacher._encode(teacher._check_obs(extra, exact_steps=False), random_crop=False,
+                                               keep_goal=a_keep)
+                loss = loss + cfg.cd_anchor_weight * self._endpoint_loss(
+                    a_cond, a_t_cond, (a_bsz, *x0.shape[1:]), generator)
         return loss
+
+    def _endpoint_loss(self, cond: torch.Tensor, t_cond: torch.Tensor, shape: tuple[int, ...],
+                       generator: torch.Generator | None) -> torch.Tensor:
+        """The student's one step from sigma_max against the teacher's own sampler, same noise and observation."""
+        cfg = self.config
+        teacher = self.__dict__["teacher"]
+        x_top = self._randn(tuple(shape), generator, cond.dtype) * cfg.sigma_max
+        if cfg.cd_obs_noise > 0.0:
+            shift = self._obs_shift(cond.shape, generator, cond.dtype)
+            cond, t_cond = cond + shift, t_cond + shift
+        with torch.no_grad():
+            name, steps = teacher.config.sampler, teacher.config.num_inference_steps
+            answer = get_sampler(name)(teacher._denoiser(), x_top, teacher._sigmas(name, steps).to(cond.dtype),
+                                       cond=t_cond, generator=generator)
+        top = torch.full((shape[0],), cfg.sigma_max, device=self.device, dtype=cond.dtype)
+        return F.mse_loss(self._denoiser()(x_top, top, cond), answer)
 
     def _obs_shift(self, shape: torch.Size, generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
         """Noise of std ``cd_obs_noise`` on the conditioning's non-goal low-dim columns, zero elsewhere."""

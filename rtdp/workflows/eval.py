@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rtdp.envs import TaskSpec, get_task
-from rtdp.errors import CheckpointError
+from rtdp.errors import CheckpointError, ConfigError
 from rtdp.workflows.metrics import percentiles_ms, wilson_interval
 from rtdp.workflows.report import plot_eval, print_table, write_video
 from rtdp.workflows.rollout import RolloutResult, rollout_expert, rollout_policy
@@ -55,11 +55,13 @@ def evaluate_checkpoint_policy(
     progress: bool = True,
     seed: int = 0,
     nfe_log: list[int] | None = None,
+    obs_log: list[dict[str, np.ndarray]] | None = None,
     **options: Any,
 ) -> RolloutResult:
     """Roll a policy out on ``seeds`` with one inference setting (see ``rtdp.policies.inference``).
 
-    ``nfe_log``, when given, receives the network evaluations per sample of every (batched) call.
+    ``nfe_log``, when given, receives the network evaluations per sample of every (batched) call;
+    ``obs_log`` every (batched) observation window the policy was asked to act on.
     """
     from rtdp.policies.inference import Runner
 
@@ -67,6 +69,8 @@ def evaluate_checkpoint_policy(
 
     def predict(obs: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
         out = runner.predict(obs, rows).detach().cpu().numpy()
+        if obs_log is not None:
+            obs_log.append({k: np.array(v) for k, v in obs.items()})
         if nfe_log is not None:
             nfe_log.append(runner.last_sample_nfe)
         return out
@@ -136,8 +140,16 @@ def evaluate(
     seed: int = 0,
     use_expert: bool = False,
     precision: str | None = None,
+    first_seed: int | None = None,
+    record_obs: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate and return the report dict (DESIGN.md's keys for ``rtdp eval``)."""
+    """Evaluate and return the report dict (DESIGN.md's keys for ``rtdp eval``).
+
+    ``first_seed`` runs seeds first_seed, first_seed + 1, ... instead of the
+    task's evaluation seeds (to roll out on states that are not the test set);
+    ``record_obs`` writes every observation window the policy acted on to
+    that ``.npz`` ({key: (N, To, ...)}), for ``rtdp train anchor_obs=``.
+    """
     import torch
 
     torch.set_num_threads(threads)
@@ -149,7 +161,12 @@ def evaluate(
             raise CheckpointError("rtdp eval needs checkpoint=<folder> (or expert=true task=<name>)")
         policy, meta = load_checkpoint(checkpoint)
         task = get_task(task_name or meta.get("task") or "pusht")
-    seeds = task.seeds(episodes)
+    seeds = task.seeds(episodes) if first_seed is None else list(range(int(first_seed), int(first_seed) + episodes))
+    if record_obs is not None and use_expert:
+        raise ConfigError("record_obs records the windows a checkpoint acts on; the scripted expert reads none")
+    if record_obs is not None and Path(record_obs).suffix != ".npz":
+        raise ConfigError(f"record_obs must name a .npz file, got {record_obs}")
+    obs_log: list[dict[str, np.ndarray]] | None = [] if record_obs is not None else None
     out_dir = Path(out) if out is not None else (Path(checkpoint).parent / "eval" if checkpoint else Path("outputs/eval"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -162,12 +179,16 @@ def evaluate(
     else:
         from rtdp.policies.inference import Runner
 
-        sampler_name = sampler or policy.config.sampler
-        steps_used = int(steps or policy.config.num_inference_steps)
-        # a bad sampler, steps or precision fails here, before any episode runs
-        Runner(policy, sampler_name, steps_used, precision=precision)
+        # a bad sampler, steps or precision fails here, before any episode runs; the policy's own
+        # default (cm for a consistency checkpoint, edm for an EDM one) when none is given
+        probe = Runner(policy, sampler, None if steps is None else int(steps), precision=precision)
+        sampler_name, steps_used = probe.name, int(probe.steps)
         result = evaluate_checkpoint_policy(policy, task, seeds, sampler=sampler_name, steps=steps_used,
-                                            batch=batch, record_first=video, seed=seed, precision=precision)
+                                            batch=batch, record_first=video, seed=seed, precision=precision,
+                                            obs_log=obs_log)
+        if obs_log is not None:
+            Path(record_obs).parent.mkdir(parents=True, exist_ok=True)
+            np.savez(record_obs, **{k: np.concatenate([o[k] for o in obs_log]) for k in obs_log[0]})
         lat = measure_latency(policy, task, sampler=sampler_name, steps=steps_used, calls=latency_calls,
                               precision=precision)
 
@@ -200,6 +221,8 @@ def evaluate(
         "plot": plot_path,
         "per_episode": [e.__dict__ for e in result.episodes],
     }
+    if record_obs is not None:
+        report["recorded_obs"] = {"path": str(record_obs), "windows": sum(len(next(iter(o.values()))) for o in obs_log)}
     if meta:
         report["train"] = {k: meta.get(k) for k in ("n_episodes", "train_steps", "train_time_s", "data") if k in meta}
     return report
@@ -246,6 +269,8 @@ def run(cfg) -> dict[str, Any]:
         seed=int(cfg.seed),
         use_expert=bool(cfg.expert),
         precision=cfg.get("precision"),
+        first_seed=cfg.get("first_seed"),
+        record_obs=cfg.get("record_obs"),
     )
     print_report(report)
     if cfg.json:

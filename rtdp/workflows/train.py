@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from rtdp.envs import TaskSpec, get_task
-from rtdp.errors import CheckpointError, ConfigError
+from rtdp.errors import CheckpointError, ConfigError, DatasetError
 
 STATE_DIR = "train_state"
 
@@ -110,6 +110,15 @@ def build_policy(task: TaskSpec, policy_cfg, arrays: dict[str, np.ndarray], stat
                 "cd_obs_noise": float(policy_cfg.get("cd_obs_noise", 0.0))}
         student = ConsistencyUnetPolicy(ConsistencyUnetConfig.from_dict(data))
         student.load_state_dict(teacher.state_dict())
+        if policy_cfg.get("init"):
+            # continue from an earlier student (e.g. a DAgger round) instead of the teacher's weights
+            start = load_policy(policy_cfg.init)
+            if not isinstance(start, ConsistencyUnetPolicy):
+                raise ConfigError(f"policy.init must be a consistency checkpoint, got {type(start).__name__}")
+            try:
+                student.load_state_dict(start.state_dict())
+            except RuntimeError as exc:
+                raise ConfigError(f"policy.init={policy_cfg.init} does not match the teacher's network: {exc}") from None
         student.set_teacher(teacher)
         return student
     config = build_policy_config(task, policy_cfg, arrays)
@@ -200,6 +209,22 @@ def action_error(policy, batch: dict, sampler: str | None = None, steps: int | N
         return float(((norm.normalize("action", pred) - norm.normalize("action", target)) ** 2).mean())
 
 
+def load_anchor_obs(path: str | Path, obs_keys: list[str]) -> dict[str, np.ndarray]:
+    """Observation windows recorded by ``rtdp eval record_obs=PATH`` ({key: (N, To, ...)})."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"anchor_obs={path} does not exist; record one with rtdp eval checkpoint=... record_obs={path}")
+    with np.load(path, allow_pickle=False) as data:
+        windows = {k: np.asarray(data[k]) for k in data.files}
+    missing = [k for k in obs_keys if k not in windows]
+    if missing:
+        raise DatasetError(f"anchor_obs={path} lacks observation keys {missing} (has {sorted(windows)})")
+    sizes = {len(windows[k]) for k in obs_keys}
+    if len(sizes) != 1 or 0 in sizes:
+        raise DatasetError(f"anchor_obs={path}: keys {obs_keys} hold different or zero window counts {sorted(sizes)}")
+    return {k: windows[k] for k in obs_keys}
+
+
 def _plot_curves(out: Path, log: list[dict], threads: int) -> None:
     import matplotlib
 
@@ -288,9 +313,16 @@ def train(cfg) -> dict[str, Any]:
         n_obs_steps=policy_config.n_obs_steps,
         n_action_steps=policy_config.n_action_steps,
     )
+    anchor = None
+    if cfg.get("anchor_obs"):
+        if policy_config.__class__.__name__ != "ConsistencyUnetConfig":
+            raise ConfigError("anchor_obs feeds the consistency policy's endpoint term (DAgger); "
+                              f"policy={cfg.policy.name} has none: train with policy=consistency or drop anchor_obs")
+        anchor = load_anchor_obs(cfg.anchor_obs, [*task.lowdim_keys, *task.image_keys])
     run_info = {
         "task": task.name,
         "data": str(cfg.data),
+        **({"anchor_obs": str(cfg.anchor_obs), "anchor_windows": len(next(iter(anchor.values())))} if anchor else {}),
         "n_episodes": int(len(episode_ends)),
         "n_steps": n_steps,
         "command": "rtdp train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else None,
@@ -355,6 +387,9 @@ def train(cfg) -> dict[str, Any]:
                 group["lr"] = lr
             idx = np_rng.integers(0, len(dataset), size=int(cfg.batch_size))
             batch = dataset.sample_batch(idx)
+            if anchor is not None:
+                rows = np_rng.integers(0, len(next(iter(anchor.values()))), size=int(cfg.batch_size))
+                batch["anchor_obs"] = {k: v[rows] for k, v in anchor.items()}
             loss = model.compute_loss(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
