@@ -22,6 +22,10 @@ $RTDP bench checkpoint=rtdp/assets/checkpoints/pusht_edm/checkpoint episodes=50 
 $RTDP bench checkpoint="$OUT/lift_edm/checkpoint" episodes=50 calls=5 \
     configs=[edm-3,edm-3+int8,edm-3+int8dyn,edm-3+fast] json="$OUT/bench6_lift_fid.json"
 
+# Lift, the shipped DDPM policy, int8 with the FiLM layers fp32 (one thread)
+$RTDP bench checkpoint=rtdp/assets/checkpoints/lift/checkpoint episodes=50 calls=5 threads=1 \
+    configs=[ddpm-100,ddpm-100+int8,ddpm-100+int8dyn,ddim-10,ddim-10+int8] json="$OUT/bench_lift_int8_film.json"
+
 # 500 paired episodes on PushT (seeds 100000..100499): the int8 forms against fp32, then again with the
 # FiLM layers kept fp32 under bf16 / int8 (the default since; the first run predates it)
 $RTDP bench checkpoint=rtdp/assets/checkpoints/pusht_edm/checkpoint episodes=500 calls=5 threads=1 \
