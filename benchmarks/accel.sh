@@ -89,3 +89,21 @@ for n in 50 200 500; do
     $RTDP bench checkpoint=rtdp/assets/checkpoints/pusht_edm/checkpoint checkpoints="[$OUT/pusht_cm_on/checkpoint]" \
         configs=[edm-3,cm-1,cm-2] episodes=$n threads=1 json="$OUT/bench_pusht_cm_obsnoise_$n.json"
 done
+
+# DAgger for the one-step student: roll the student out on seeds outside the test set (300000.., 400000..),
+# record the observation windows it acted on, and distil on, the teacher answering at those windows too
+# (rtdp train anchor_obs=); each round starts from the previous student and uses every window recorded so far
+mkdir -p "$OUT/dagger"
+prev="$OUT/pusht_cm_on"
+for r in 1 2; do
+    [ -f "$OUT/dagger/obs_r$r.npz" ] || $RTDP eval checkpoint="$prev/checkpoint" episodes=200 first_seed=$((200000 + 100000 * r)) \
+        record_obs="$OUT/dagger/obs_r$r.npz" threads=1 video=false json="$OUT/dagger/eval_r$r.json"
+    rounds=$(seq -f "$OUT/dagger/obs_r%g.npz" -s, 1 $r)
+    [ -f "$OUT/pusht_cm_dagger$r/summary.json" ] || $RTDP train policy=consistency \
+        policy.teacher=rtdp/assets/checkpoints/pusht_edm/checkpoint policy.cd_obs_noise=0.05 policy.init="$prev/checkpoint" \
+        anchor_obs="[$rounds]" data="$OUT/pusht.zarr" out="$OUT/pusht_cm_dagger$r" steps=1000 lr=5e-5 \
+        warmup_steps=50 eval_every=0 eval_episodes=0 checkpoint_every=250 threads=1 resume=true
+    $RTDP bench checkpoint=rtdp/assets/checkpoints/pusht_edm/checkpoint checkpoints="[$OUT/pusht_cm_dagger$r/checkpoint]" \
+        configs=[edm-3,cm-1] episodes=500 threads=1 calls=5 json="$OUT/bench_pusht_cm_dagger${r}_500.json"
+    prev="$OUT/pusht_cm_dagger$r"
+done

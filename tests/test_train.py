@@ -156,6 +156,26 @@ def test_bad_betas_are_a_config_error(tmp_path) -> None:
     assert not (tmp_path / "a/train_state").exists()  # nothing written before the check
 
 
+def test_anchor_obs_list_concatenates_rounds_and_rejects_mismatched_windows(tmp_path) -> None:
+    from rtdp.errors import DatasetError
+    from rtdp.workflows.train import load_anchor_obs
+
+    rng = np.random.default_rng(0)
+    r1 = {"agent_pos": rng.normal(size=(3, 2, 2)), "keypoint": rng.normal(size=(3, 2, 9, 2))}
+    r2 = {"agent_pos": rng.normal(size=(5, 2, 2)), "keypoint": rng.normal(size=(5, 2, 9, 2))}
+    np.savez(tmp_path / "r1.npz", **r1)
+    np.savez(tmp_path / "r2.npz", **r2)
+    both = load_anchor_obs([tmp_path / "r1.npz", str(tmp_path / "r2.npz")], ["agent_pos", "keypoint"])
+    for k in r1:
+        assert np.array_equal(both[k], np.concatenate([r1[k], r2[k]]))
+    assert np.array_equal(load_anchor_obs(tmp_path / "r2.npz", ["agent_pos"])["agent_pos"], r2["agent_pos"])
+    np.savez(tmp_path / "r3.npz", agent_pos=rng.normal(size=(4, 3, 2)), keypoint=rng.normal(size=(4, 3, 9, 2)))
+    with pytest.raises(DatasetError, match="agent_pos windows are"):
+        load_anchor_obs([tmp_path / "r1.npz", tmp_path / "r3.npz"], ["agent_pos", "keypoint"])
+    with pytest.raises(DatasetError, match="names no recording"):
+        load_anchor_obs([], ["agent_pos"])
+
+
 def test_dagger_round_trains_the_student_at_its_own_recorded_observations(tmp_path, monkeypatch) -> None:
     """rtdp eval record_obs= -> rtdp train policy=consistency policy.init= anchor_obs=: the windows reach the loss."""
     from rtdp.errors import ConfigError, DatasetError

@@ -16,6 +16,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -209,9 +210,25 @@ def action_error(policy, batch: dict, sampler: str | None = None, steps: int | N
         return float(((norm.normalize("action", pred) - norm.normalize("action", target)) ** 2).mean())
 
 
-def load_anchor_obs(path: str | Path, obs_keys: list[str]) -> dict[str, np.ndarray]:
-    """Observation windows recorded by ``rtdp eval record_obs=PATH`` ({key: (N, To, ...)})."""
-    path = Path(path)
+def load_anchor_obs(paths: str | Path | Sequence[str | Path], obs_keys: list[str]) -> dict[str, np.ndarray]:
+    """Observation windows recorded by ``rtdp eval record_obs=PATH`` ({key: (N, To, ...)}).
+
+    ``paths`` is one recording or a list of them (DAgger's aggregate over
+    rounds); their windows are concatenated.
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise DatasetError("anchor_obs=[] names no recording; give one or more rtdp eval record_obs= files")
+    parts = [_load_one_anchor(Path(p), obs_keys) for p in paths]
+    for path, part in zip(paths[1:], parts[1:]):
+        for k in obs_keys:
+            if part[k].shape[1:] != parts[0][k].shape[1:]:
+                raise DatasetError(f"anchor_obs={path}: {k} windows are {part[k].shape[1:]}, "
+                                   f"{paths[0]} has {parts[0][k].shape[1:]}; record both with the same task and policy")
+    return {k: np.concatenate([part[k] for part in parts]) for k in obs_keys}
+
+
+def _load_one_anchor(path: Path, obs_keys: list[str]) -> dict[str, np.ndarray]:
     if not path.exists():
         raise DatasetError(f"anchor_obs={path} does not exist; record one with rtdp eval checkpoint=... record_obs={path}")
     with np.load(path, allow_pickle=False) as data:
@@ -318,11 +335,14 @@ def train(cfg) -> dict[str, Any]:
         if policy_config.__class__.__name__ != "ConsistencyUnetConfig":
             raise ConfigError("anchor_obs feeds the consistency policy's endpoint term (DAgger); "
                               f"policy={cfg.policy.name} has none: train with policy=consistency or drop anchor_obs")
-        anchor = load_anchor_obs(cfg.anchor_obs, [*task.lowdim_keys, *task.image_keys])
+        spec = cfg.anchor_obs
+        anchor = load_anchor_obs(spec if isinstance(spec, str) else [str(p) for p in spec],
+                                 [*task.lowdim_keys, *task.image_keys])
     run_info = {
         "task": task.name,
         "data": str(cfg.data),
-        **({"anchor_obs": str(cfg.anchor_obs), "anchor_windows": len(next(iter(anchor.values())))} if anchor else {}),
+        **({"anchor_obs": cfg.anchor_obs if isinstance(cfg.anchor_obs, str) else [str(p) for p in cfg.anchor_obs],
+            "anchor_windows": len(next(iter(anchor.values())))} if anchor else {}),
         "n_episodes": int(len(episode_ends)),
         "n_steps": n_steps,
         "command": "rtdp train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else None,
