@@ -32,6 +32,9 @@ $RTDP bench checkpoint=rtdp/assets/checkpoints/pusht_edm/checkpoint episodes=500
     configs=[edm-3,edm-3+fast,edm-3+int8,edm-3+int8dyn] json="$OUT/bench_pusht_int8_500.json"
 $RTDP bench checkpoint=rtdp/assets/checkpoints/pusht_edm/checkpoint episodes=500 calls=5 threads=1 \
     configs=[edm-3,edm-3+int8,edm-3+bf16] json="$OUT/bench_pusht_int8_film_fp32_500.json"
+# the same four configurations on another CPU, after the FiLM default (bench_pusht_int8_500_zen5.json)
+$RTDP bench checkpoint=rtdp/assets/checkpoints/pusht_edm/checkpoint episodes=500 calls=5 threads=1 \
+    configs=[edm-3,edm-3+fast,edm-3+int8,edm-3+int8dyn] json="$OUT/bench_pusht_int8_500_zen5.json"
 
 # FiLM layers fp32 under int8: the cost at the image size, one A/B run (quiet cores)
 $PY benchmarks/film_fp32_ab.py
