@@ -72,3 +72,19 @@ for run in pusht_tf_x0 pusht_tf_x0_20k; do
 done
 $RTDP bench checkpoint="$OUT/pusht_tf_x0_20k/checkpoint" calls=20 json=$R/bench_pusht_tf_x0_20k_timing.json \
     configs=$BUDGETS
+
+# The same transformer trained from scratch for 30,000 steps in one cosine schedule (100 min on one thread);
+# BAC and uniform caching over 50 and 200 episodes, then quiet timing at 2 and 1 threads
+[ -f "$OUT/pusht_tf_x0_30k/summary.json" ] || $RTDP train task=pusht policy=transformer data="$OUT/pusht.zarr" \
+    out="$OUT/pusht_tf_x0_30k" steps=30000 lr=1e-3 batch_size=64 policy.n_emb=128 policy.causal_attn=false \
+    policy.prediction_type=sample weight_decay=1e-3 warmup_steps=500 eval_every=0 eval_episodes=0 \
+    checkpoint_every=1000 threads=1 resume=true
+$RTDP bench checkpoint="$OUT/pusht_tf_x0_30k/checkpoint" episodes=50 calls=5 threads=1 configs=$BUDGETS \
+    json=$R/bench_pusht_tf_x0_30k_bac.json
+$RTDP bench checkpoint="$OUT/pusht_tf_x0_30k/checkpoint" episodes=200 calls=5 threads=1 \
+    configs=[ddpm-100,ddpm-100+bac15,ddpm-100+bac10,ddpm-100+uniform15] json=$R/bench_pusht_tf_x0_30k_bac_200.json
+$RTDP bench checkpoint="$OUT/pusht_tf_x0_30k/checkpoint" calls=20 configs=$BUDGETS json=$R/bench_pusht_tf_x0_30k_timing.json
+for t in 2 1; do
+    $RTDP bench checkpoint="$OUT/pusht_tf_x0_30k/checkpoint" calls=50 threads=$t configs=$BUDGETS \
+        json=$R/bench_pusht_tf_x0_30k_timing_t$t.json
+done
