@@ -27,14 +27,12 @@ $RTDP bench checkpoint=rtdp/assets/checkpoints/lift/checkpoint episodes=50 calls
     configs=[ddpm-100,ddpm-100+int8,ddpm-100+int8dyn,ddim-10,ddim-10+int8] json="$OUT/bench_lift_int8_film.json"
 
 # 500 paired episodes on PushT (seeds 100000..100499): the int8 forms against fp32, then again with the
-# FiLM layers kept fp32 under bf16 / int8 (the default since; the first run predates it)
+# FiLM layers kept fp32 under bf16 / int8 (the default since; the first run predates it).
+# results/bench_pusht_int8_500_zen5.json is the first command run again on the AMD EPYC (Zen 5), after the FiLM default
 $RTDP bench checkpoint=rtdp/assets/checkpoints/pusht_edm/checkpoint episodes=500 calls=5 threads=1 \
     configs=[edm-3,edm-3+fast,edm-3+int8,edm-3+int8dyn] json="$OUT/bench_pusht_int8_500.json"
 $RTDP bench checkpoint=rtdp/assets/checkpoints/pusht_edm/checkpoint episodes=500 calls=5 threads=1 \
     configs=[edm-3,edm-3+int8,edm-3+bf16] json="$OUT/bench_pusht_int8_film_fp32_500.json"
-# the same four configurations on another CPU, after the FiLM default (bench_pusht_int8_500_zen5.json)
-$RTDP bench checkpoint=rtdp/assets/checkpoints/pusht_edm/checkpoint episodes=500 calls=5 threads=1 \
-    configs=[edm-3,edm-3+fast,edm-3+int8,edm-3+int8dyn] json="$OUT/bench_pusht_int8_500_zen5.json"
 
 # FiLM layers fp32 under int8: the cost at the image size, one A/B run (quiet cores)
 $PY benchmarks/film_fp32_ab.py
