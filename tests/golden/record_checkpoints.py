@@ -1,0 +1,180 @@
+"""Record the golden actions of every shipped checkpoint (``tests/test_golden_checkpoints.py`` reads them).
+
+Each case runs one checkpoint with one inference setting on a fixed batch of
+observations and fixed starting noise, and stores the actions. The file is
+written once, from the code before a change that must not move any action,
+and kept: the test compares the code of the day against it.
+
+    .venv/bin/python tests/golden/record_checkpoints.py
+
+A tiny transformer policy (fresh weights, no shipped checkpoint has one) is
+saved beside the goldens so its path, caching included, is pinned too.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+CHECKPOINTS = REPO / "rtdp" / "assets" / "checkpoints"
+GOLDEN_FILE = HERE / "checkpoint_actions.safetensors"
+TINY_TRANSFORMER = HERE / "transformer_tiny"
+
+# (checkpoint, case name, Runner keyword arguments, calls in sequence)
+CASES: list[tuple[str, str, dict, int]] = [
+    ("pusht", "ddpm-100", {"sampler": "ddpm", "steps": 100}, 1),
+    ("pusht", "ddim-10", {"sampler": "ddim", "steps": 10}, 1),
+    ("pusht", "dpmpp-8", {"sampler": "dpmpp", "steps": 8}, 1),
+    ("pusht", "heun-5", {"sampler": "heun", "steps": 5}, 1),
+    ("pusht", "euler_a-10", {"sampler": "euler_a", "steps": 10}, 1),
+    ("pusht", "ddim-10+fp32", {"sampler": "ddim", "steps": 10, "precision": "fp32"}, 1),
+    ("pusht", "ddim-10+deepcache3", {"sampler": "ddim", "steps": 10, "deepcache": 3}, 1),
+    ("pusht", "ddim-10+inpaint", {"sampler": "ddim", "steps": 10}, 1),
+    ("pusht_dp", "ddim-10", {"sampler": "ddim", "steps": 10}, 1),
+    ("pusht_dp", "ddpm-100", {"sampler": "ddpm", "steps": 100}, 1),
+    ("lift", "ddim-10", {"sampler": "ddim", "steps": 10}, 1),
+    ("lift", "ddpm-100", {"sampler": "ddpm", "steps": 100}, 1),
+    ("pusht_edm", "edm-3", {"sampler": "edm", "steps": 3}, 1),
+    ("pusht_edm", "edm-3+fp32", {"sampler": "edm", "steps": 3, "precision": "fp32"}, 1),
+    ("pusht_edm", "heun-3", {"sampler": "heun", "steps": 3}, 1),
+    ("pusht_edm", "stream-1", {"sampler": "stream", "steps": 1}, 4),
+    ("pusht_edm", "stream-2", {"sampler": "stream", "steps": 2}, 3),
+    ("pusht_cm", "cm-1", {"sampler": "cm", "steps": 1}, 1),
+    ("pusht_cm", "cm-2", {"sampler": "cm", "steps": 2}, 1),
+    ("transformer_tiny", "ddpm-20", {"sampler": "ddpm", "steps": 20}, 1),
+    ("transformer_tiny", "ddim-10", {"sampler": "ddim", "steps": 10}, 1),
+    ("transformer_tiny", "ddpm-20+uniform5", {"sampler": "ddpm", "steps": 20, "cache": "uniform5"}, 1),
+]
+BATCH = 2
+
+
+def checkpoint_dir(name: str) -> Path:
+    return TINY_TRANSFORMER if name == "transformer_tiny" else CHECKPOINTS / name / "checkpoint"
+
+
+def machine() -> str:
+    """What the goldens are bit-exact on: the CPU model and torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} | torch {torch.__version__}"
+
+
+def observations(policy, batch: int = BATCH, seed: int = 0) -> dict[str, np.ndarray]:
+    """A fixed batch of observations inside the checkpoint's data range ({key: (B, To, *shape)})."""
+    cfg = policy.config
+    stats = policy.normalizer.get_stats()
+    rng = np.random.default_rng(seed)
+    obs = {}
+    for key in sorted(cfg.lowdim_shapes):
+        lo, hi = stats[key]["min"], stats[key]["max"]
+        u = rng.random((batch, cfg.n_obs_steps, *lo.shape))
+        obs[key] = (lo + (hi - lo) * u).astype(np.float32)
+    return obs
+
+
+def run_case(policy, kwargs: dict, calls: int, seed: int = 0) -> torch.Tensor:
+    """Actions of ``calls`` successive calls with one setting, stacked (calls, B, Ta, Da)."""
+    from rtdp.policies.inference import Runner
+
+    runner = Runner(policy, seed=seed, **kwargs)
+    cfg = policy.config
+    noise = torch.randn((BATCH, cfg.horizon, cfg.action_dim), generator=torch.Generator().manual_seed(seed + 1),
+                        dtype=torch.float64).float()
+    outs = []
+    for i in range(calls):
+        obs = observations(policy, seed=seed + i)
+        outs.append(runner.predict(obs, noise=None if runner.name == "stream" else noise).detach().cpu().float())
+    return torch.stack(outs)
+
+
+def inpaint_case(policy, seed: int = 0) -> torch.Tensor:
+    """DDIM-10 pulled towards committed actions at the chunk's first 3 positions (real-time chunking)."""
+    from rtdp.policies.inference import Runner
+
+    runner = Runner(policy, "ddim", 10, seed=seed)
+    cfg = policy.config
+    noise = torch.randn((BATCH, cfg.horizon, cfg.action_dim), generator=torch.Generator().manual_seed(seed + 1),
+                        dtype=torch.float64).float()
+    obs = observations(policy, seed=seed)
+    stats = policy.normalizer.get_stats()["action"]
+    committed = (stats["min"] + (stats["max"] - stats["min"]) * 0.4).astype(np.float32)
+    committed = np.broadcast_to(committed, (BATCH, 3, cfg.action_dim)).copy()
+    weights = np.array([1.0, 0.7, 0.3], dtype=np.float32)
+    return runner.predict(obs, noise=noise, inpaint=(committed, weights)).detach().cpu().float()[None]
+
+
+def make_tiny_transformer() -> None:
+    """Save a fresh 2-layer transformer policy with PushT's shapes (the golden's own checkpoint)."""
+    from rtdp.policies.transformer import TransformerDiffusionConfig, TransformerDiffusionPolicy
+
+    torch.manual_seed(0)
+    cfg = TransformerDiffusionConfig(lowdim_shapes={"keypoint": (9, 2), "agent_pos": (2,)}, action_dim=2,
+                                     n_layer=2, n_head=2, n_emb=32, num_train_timesteps=20,
+                                     num_inference_steps=20, causal_attn=False, prediction_type="sample")
+    policy = TransformerDiffusionPolicy(cfg)
+    policy.set_normalizer({"keypoint": {"min": np.zeros(18), "max": np.full(18, 512.0)},
+                           "agent_pos": {"min": np.zeros(2), "max": np.full(2, 512.0)},
+                           "action": {"min": np.zeros(2), "max": np.full(2, 512.0)}})
+    policy.save_pretrained(TINY_TRANSFORMER)
+
+
+def loss_cases() -> dict[str, torch.Tensor]:
+    """Training losses of the shipped DDPM/EDM checkpoints and the tiny transformer on a fixed batch."""
+    from rtdp.policies import load_policy
+
+    out = {}
+    for name in ("pusht", "pusht_edm", "transformer_tiny"):
+        policy = load_policy(checkpoint_dir(name))
+        cfg = policy.config
+        obs = observations(policy, batch=4, seed=7)
+        stats = policy.normalizer.get_stats()["action"]
+        rng = np.random.default_rng(8)
+        action = (stats["min"] + (stats["max"] - stats["min"]) * rng.random((4, cfg.horizon, cfg.action_dim)))
+        policy.train()
+        torch.manual_seed(10)  # dropout draws from the global generator
+        loss = policy.compute_loss({"obs": obs, "action": action.astype(np.float32)},
+                                   generator=torch.Generator().manual_seed(9))
+        out[f"{name}/loss"] = loss.detach().float().reshape(1)
+    return out
+
+
+def record_all() -> dict[str, torch.Tensor]:
+    from rtdp.policies import load_policy
+
+    torch.set_num_threads(1)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, case, kwargs, calls in CASES:
+        policy = load_policy(checkpoint_dir(name))
+        if case.endswith("+inpaint"):
+            tensors[f"{name}/{case}"] = inpaint_case(policy)
+        else:
+            tensors[f"{name}/{case}"] = run_case(policy, kwargs, calls)
+    tensors.update(loss_cases())
+    return tensors
+
+
+def main() -> int:
+    from safetensors.torch import save_file
+
+    if not TINY_TRANSFORMER.exists() or "--new-transformer" in sys.argv:
+        make_tiny_transformer()
+    tensors = record_all()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(GOLDEN_FILE), metadata={"machine": machine()})
+    print(f"wrote {len(tensors)} golden cases to {GOLDEN_FILE} ({machine()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
