@@ -22,7 +22,7 @@ from rtdp.core.bac import (
 )
 from rtdp.core.cache import CachedNetwork
 from rtdp.errors import ConfigError
-from rtdp.policies.inference import Runner
+from rtdp.policies.runner import Runner
 from rtdp.policies.transformer import TransformerDiffusionConfig, TransformerDiffusionPolicy
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from rtdp.core.cache import CachedNetwork, deepcache_schedule, uniform_schedule
 from rtdp.errors import ConfigError
 from rtdp.policies.diffusion_unet import DiffusionUnetConfig, DiffusionUnetPolicy
-from rtdp.policies.inference import Runner
+from rtdp.policies.runner import Runner
 from rtdp.policies.unet1d import ConditionalUnet1D
 
 

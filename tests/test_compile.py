@@ -9,7 +9,7 @@ import torch
 
 from rtdp.errors import ConfigError
 from rtdp.policies.diffusion_unet import DiffusionUnetConfig, DiffusionUnetPolicy
-from rtdp.policies.inference import Runner
+from rtdp.policies.runner import Runner
 from rtdp.workflows.bench import parse_config
 
 

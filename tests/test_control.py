@@ -18,7 +18,7 @@ import torch
 from rtdp.controllers.clock import FakeClock
 from rtdp.controllers.controller import Controller
 from rtdp.controllers.drivers.base import ActionLimits, DriverBase, Reading
-from rtdp.controllers.inference import InlineWorker
+from rtdp.controllers.workers import InlineWorker
 from rtdp.controllers.loop import RateLoop
 from rtdp.controllers.safety import SafetyLayer
 from rtdp.controllers.schedule import ActionScheduler
@@ -271,7 +271,7 @@ def test_rtc_weights_shape():
 
 def test_inpainting_makes_the_chunk_start_with_the_committed_actions():
     from rtdp.policies import load_policy
-    from rtdp.policies.inference import Runner
+    from rtdp.policies.runner import Runner
 
     policy = load_policy(Path(__file__).resolve().parents[1] / "rtdp/assets/checkpoints/pusht/checkpoint")
     rng = np.random.default_rng(0)

@@ -22,7 +22,7 @@ from rtdp.controllers.clock import MonotonicClock  # noqa: E402
 from rtdp.controllers.controller import Controller  # noqa: E402
 from rtdp.controllers.drivers.dynamixel import DynamixelDriver, write_calibration  # noqa: E402
 from rtdp.controllers.emulator.dynamixel import DynamixelBusEmulator  # noqa: E402
-from rtdp.controllers.inference import InlineWorker  # noqa: E402
+from rtdp.controllers.workers import InlineWorker  # noqa: E402
 from rtdp.controllers.loop import RateLoop  # noqa: E402
 
 IDS = [1, 2, 3]

@@ -13,7 +13,7 @@ from rtdp.core.schedules import sigmas_karras
 from rtdp.errors import ConfigError, UnknownNameError
 from rtdp.policies.consistency import ConsistencyUnetConfig, ConsistencyUnetPolicy
 from rtdp.policies.edm_unet import EdmUnetConfig, EdmUnetPolicy
-from rtdp.policies.inference import Runner
+from rtdp.policies.runner import Runner
 from rtdp.workflows.bench import parse_config
 
 H, TO, DA = 16, 2, 2

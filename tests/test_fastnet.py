@@ -117,7 +117,7 @@ def test_option_off_is_the_plain_network_bit_for_bit():
     net = _unet()
     assert fast_network(net, None) is net
     from rtdp.policies.diffusion_unet import DiffusionUnetConfig, DiffusionUnetPolicy
-    from rtdp.policies.inference import Runner
+    from rtdp.policies.runner import Runner
 
     torch.manual_seed(4)
     policy = DiffusionUnetPolicy(DiffusionUnetConfig(lowdim_shapes={"s": (3,)}, action_dim=2, down_dims=(16, 32)))

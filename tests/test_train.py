@@ -109,7 +109,7 @@ def test_resume_without_a_run_is_a_checkpoint_error(tmp_path) -> None:
 
 def test_action_error_logged_at_checkpoints_in_normalised_units(tmp_path) -> None:
     from rtdp.data.dataset import SequenceDataset, load_arrays
-    from rtdp.policies.inference import Runner
+    from rtdp.policies.runner import Runner
     from rtdp.workflows.eval import load_checkpoint
 
     store = _store(tmp_path / "d.zarr")

@@ -12,7 +12,7 @@ steps. The 1-D policy U-Net, the transformer and a diffusers ``UNet2DModel``
 all go through this one code path.
 
 The cache holds per-chunk state by nature; ``reset()`` must be called before
-every new sample (``rtdp.policies.inference.Runner`` does it per chunk). The
+every new sample (``rtdp.policies.runner.Runner`` does it per chunk). The
 wrapped network counts its own calls, so a sampler needs no knowledge of it.
 """
 

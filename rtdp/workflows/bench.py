@@ -252,7 +252,7 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
     ``action_mse_vs_plain``: its actions against the plain network's for the same
     configuration, noise and observations (normalised units).
     """
-    from rtdp.policies.inference import Runner
+    from rtdp.policies.runner import Runner
     from rtdp.workflows.eval import evaluate_checkpoint_policy, time_runner
 
     runner = Runner(policy, cfg.sampler, cfg.steps, seed=0, **cfg.options)
@@ -355,7 +355,7 @@ def bench(
     """Run every configuration and return the report dict (DESIGN.md's ``rtdp bench`` keys)."""
     import torch
 
-    from rtdp.policies.inference import Runner
+    from rtdp.policies.runner import Runner
     from rtdp.workflows.eval import load_checkpoint
 
     threads = physical_cores() if threads is None else int(threads)

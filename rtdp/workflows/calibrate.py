@@ -26,7 +26,7 @@ CALIBRATION_SEEDS_FROM = 0  # training seeds; the evaluation seeds stay unseen
 
 def calibrate_bac(policy, task, sampler: str, steps: int, *, episodes: int = 3, progress: bool = True) -> BacCalibration:
     """Record block features over ``episodes`` rollouts of ``task`` and return the calibration."""
-    from rtdp.policies.inference import Runner
+    from rtdp.policies.runner import Runner
     from rtdp.workflows.eval import _obs_keys
     from rtdp.workflows.rollout import rollout_policy
 

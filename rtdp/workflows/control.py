@@ -199,7 +199,7 @@ def _split_cpus(cfg) -> tuple[tuple[int, ...] | None, set[int] | None]:
 
 
 def _policy_spec(cfg, driver, obs_example: dict[str, np.ndarray] | None, cpus: tuple[int, ...] | None = None):
-    from rtdp.controllers.inference import PolicySpec
+    from rtdp.controllers.workers import PolicySpec
 
     common = dict(sampler=cfg.sampler, steps=cfg.steps, precision=cfg.precision, seed=int(cfg.seed),
                   threads=min(int(cfg.threads), len(cpus)) if cpus else int(cfg.threads),
@@ -231,7 +231,7 @@ def _checkpoint_info(cfg) -> tuple[str | None, tuple[str, ...], int, int]:
 
 
 def _make_worker(cfg, spec, clock, idle=None):
-    from rtdp.controllers.inference import WORKERS, ProcessWorker, ThreadWorker, build_runner
+    from rtdp.controllers.workers import WORKERS, ProcessWorker, ThreadWorker, build_runner
 
     if cfg.worker not in WORKERS:
         raise UnknownNameError("worker", str(cfg.worker), WORKERS)

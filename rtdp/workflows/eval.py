@@ -58,12 +58,12 @@ def evaluate_checkpoint_policy(
     obs_log: list[dict[str, np.ndarray]] | None = None,
     **options: Any,
 ) -> RolloutResult:
-    """Roll a policy out on ``seeds`` with one inference setting (see ``rtdp.policies.inference``).
+    """Roll a policy out on ``seeds`` with one inference setting (see ``rtdp.policies.runner``).
 
     ``nfe_log``, when given, receives the network evaluations per sample of every (batched) call;
     ``obs_log`` every (batched) observation window the policy was asked to act on.
     """
-    from rtdp.policies.inference import Runner
+    from rtdp.policies.runner import Runner
 
     runner = Runner(policy, sampler, steps, seed=seed, **options)
 
@@ -90,7 +90,7 @@ def measure_latency(policy, task: TaskSpec, *, sampler: str | None, steps: int |
                     warmup: int = 5, **options: Any) -> dict[str, Any]:
     """Wall time of one inference call at batch 1 on a real observation (after ``warmup`` calls)."""
     from rtdp.envs import make
-    from rtdp.policies.inference import Runner
+    from rtdp.policies.runner import Runner
 
     env = make(task)
     try:
@@ -177,7 +177,7 @@ def evaluate(
                "ms_per_action": per_action_ms, "latency_samples_ms": []}
         sampler_name, steps_used = "expert", None
     else:
-        from rtdp.policies.inference import Runner
+        from rtdp.policies.runner import Runner
 
         # a bad sampler, steps or precision fails here, before any episode runs; the policy's own
         # default (cm for a consistency checkpoint, edm for an EDM one) when none is given

@@ -197,7 +197,7 @@ def action_error(policy, batch: dict, sampler: str | None = None, steps: int | N
     """
     import torch
 
-    from rtdp.policies.inference import Runner
+    from rtdp.policies.runner import Runner
 
     if sampler == "stream":
         sampler, steps = None, None
@@ -291,7 +291,7 @@ def train(cfg) -> dict[str, Any]:
 
     from rtdp.data.dataset import SequenceDataset, compute_stats, load_arrays
     from rtdp.data.replay_buffer import ReplayBuffer
-    from rtdp.policies.inference import Runner
+    from rtdp.policies.runner import Runner
     from rtdp.workflows.eval import evaluate_checkpoint_policy
 
     torch.set_num_threads(int(cfg.threads))

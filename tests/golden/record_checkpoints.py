@@ -86,7 +86,7 @@ def observations(policy, batch: int = BATCH, seed: int = 0) -> dict[str, np.ndar
 
 def run_case(policy, kwargs: dict, calls: int, seed: int = 0) -> torch.Tensor:
     """Actions of ``calls`` successive calls with one setting, stacked (calls, B, Ta, Da)."""
-    from rtdp.policies.inference import Runner
+    from rtdp.policies.runner import Runner
 
     runner = Runner(policy, seed=seed, **kwargs)
     cfg = policy.config
@@ -101,7 +101,7 @@ def run_case(policy, kwargs: dict, calls: int, seed: int = 0) -> torch.Tensor:
 
 def inpaint_case(policy, seed: int = 0) -> torch.Tensor:
     """DDIM-10 pulled towards committed actions at the chunk's first 3 positions (real-time chunking)."""
-    from rtdp.policies.inference import Runner
+    from rtdp.policies.runner import Runner
 
     runner = Runner(policy, "ddim", 10, seed=seed)
     cfg = policy.config

@@ -101,7 +101,7 @@ def fresh_policy(spec: PolicySpec):
 def build_runner(spec: PolicySpec):
     """The ``Runner`` a spec describes (loads the checkpoint or builds a fresh network)."""
     from rtdp.policies import load_policy
-    from rtdp.policies.inference import Runner
+    from rtdp.policies.runner import Runner
 
     policy = load_policy(spec.checkpoint) if spec.checkpoint else fresh_policy(spec)
     policy.eval()
