@@ -31,6 +31,13 @@ def test_sim_driver_serves_the_environment_it_names():
         first = robot.reset(100003)
         for k in ref:
             np.testing.assert_array_equal(first.obs[k], ref[k])  # same seed, same first observation
+        # before the first command the simulator applies the task's held action: the pusher stays put
+        t_end = time.monotonic() + 0.35
+        while time.monotonic() < t_end:
+            time.sleep(0.05)
+        idle = robot.read()
+        assert idle.info["step"] >= 2
+        np.testing.assert_allclose(idle.obs["agent_pos"], first.obs["agent_pos"], atol=1e-6)
         target = first.obs["agent_pos"] + np.array([40.0, 0.0])
         t_end = time.monotonic() + 1.0
         seen = [first]
@@ -56,6 +63,23 @@ def test_sim_driver_serves_the_environment_it_names():
 def test_sim_driver_needs_connect():
     with pytest.raises(DeviceNotConnectedError):
         SimDriver("pusht").read()
+
+
+def test_sim_driver_takes_rate_and_hold_from_the_task_spec(monkeypatch):
+    from rtdp.envs import TASKS, TaskSpec
+
+    with pytest.raises(TypeError):
+        SimDriver()  # the task is required: no silent PushT
+    assert SimDriver("pusht").rate_hz == 10.0 and SimDriver("lift").rate_hz == 20.0
+    assert SimDriver("lift", rate_hz=5).rate_hz == 5.0
+    monkeypatch.setitem(TASKS, "fast", TaskSpec(name="fast", env_id="rtdp/PushT-v0", control_rate_hz=25.0,
+                                                hold_action="rtdp.envs.pusht:hold_action"))
+    assert SimDriver("fast").rate_hz == 25.0
+    monkeypatch.setitem(TASKS, "limp", TaskSpec(name="limp", env_id="rtdp/PushT-v0"))
+    with pytest.raises(ConfigError, match="no hold_action"):
+        SimDriver("limp")
+    with pytest.raises(ConfigError, match="rate_hz"):
+        SimDriver("pusht", rate_hz=0)
 
 
 def _control_cfg(**over):

@@ -13,12 +13,13 @@ frames with ``render()``.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from rtdp.errors import UnknownNameError
+from rtdp.errors import ConfigError, UnknownNameError
 
 
 class Expert(Protocol):
@@ -48,6 +49,15 @@ class TaskSpec:
         dataset_aliases: derived keys for datasets that lack them,
             ``{key: (source_key, slice_start, slice_stop)}``; e.g. PushT's
             ``agent_pos`` is ``state[:, 0:2]`` in Diffusion Policy's zarr.
+        control_rate_hz: how often the policy sends an action (one ``env.step``
+            per control period); a simulated robot advances at this rate.
+        hold_action: the command that keeps the robot where it is, given the
+            current observation: ``obj(obs) -> (action_dim,)`` in the action's
+            units, as a callable or a ``"module:function"`` string that is
+            imported only when first used (so the registry never loads a
+            simulator). ``""`` if the task has none; :meth:`hold` then raises.
+        video_fps: frame rate of rollout videos; None (the default) means
+            ``control_rate_hz``, one frame per control step shown in real time.
     """
 
     name: str
@@ -60,6 +70,49 @@ class TaskSpec:
     eval_seeds: tuple[int, ...] = tuple(range(100000, 100050))
     expert: str = ""
     dataset_aliases: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    control_rate_hz: float = 10.0
+    hold_action: str | Callable[[dict[str, np.ndarray]], np.ndarray] = ""
+    video_fps: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.control_rate_hz > 0:
+            raise ConfigError(f"task {self.name!r}: control_rate_hz must be positive; got {self.control_rate_hz!r}")
+        if self.video_fps is None:
+            object.__setattr__(self, "video_fps", float(self.control_rate_hz))
+        elif not self.video_fps > 0:
+            raise ConfigError(f"task {self.name!r}: video_fps must be positive; got {self.video_fps!r}")
+        if isinstance(self.hold_action, str) and self.hold_action and self.hold_action.count(":") != 1:
+            raise ConfigError(
+                f"task {self.name!r}: hold_action must be 'module:function' or a callable; got {self.hold_action!r}"
+            )
+
+    def hold(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """The action that keeps the robot still at observation ``obs`` (see ``hold_action``).
+
+        Returns:
+            ``(action_dim,)`` float64 array.
+
+        Raises:
+            ConfigError: the task declares no ``hold_action``, or the named function does not exist.
+        """
+        fn = self.hold_action
+        if not fn:
+            raise ConfigError(
+                f"task {self.name!r} has no hold_action, so nothing knows how to keep its robot still "
+                "between commands; give its TaskSpec a hold_action ('module:function' or a callable)"
+            )
+        if isinstance(fn, str):
+            module, attr = fn.split(":")
+            try:
+                fn = getattr(importlib.import_module(module), attr)
+            except (ModuleNotFoundError, AttributeError) as exc:
+                raise ConfigError(f"task {self.name!r}: hold_action {self.hold_action!r} cannot be loaded: "
+                                  f"{exc}") from exc
+        action = np.asarray(fn(obs), dtype=np.float64)
+        if action.shape != (self.action_dim,):
+            raise ConfigError(f"task {self.name!r}: hold_action returned shape {action.shape}, "
+                              f"expected ({self.action_dim},)")
+        return action
 
     def seeds(self, n: int) -> list[int]:
         """The first ``n`` evaluation seeds; past the end of ``eval_seeds`` they continue consecutively.
@@ -121,8 +174,10 @@ register_task(
         lowdim_keys=_PUSHT_KP,
         action_dim=2,
         max_steps=300,
-        expert="rtdp.envs.pusht:PushTExpert",
+        expert="rtdp.envs.pusht_expert:PushTExpert",
         dataset_aliases={"agent_pos": ("state", 0, 2)},
+        control_rate_hz=10.0,
+        hold_action="rtdp.envs.pusht:hold_action",
     ),
     entry_point="rtdp.envs.pusht:PushTEnv",
 )
@@ -135,8 +190,10 @@ register_task(
         image_keys=("img",),
         action_dim=2,
         max_steps=300,
-        expert="rtdp.envs.pusht:PushTExpert",
+        expert="rtdp.envs.pusht_expert:PushTExpert",
         dataset_aliases={"agent_pos": ("state", 0, 2)},
+        control_rate_hz=10.0,
+        hold_action="rtdp.envs.pusht:hold_action",
     ),
 )
 # PushT with a goal pose drawn per episode (rtdp.envs.pusht.GOAL_RANGE); the
@@ -149,8 +206,10 @@ register_task(
         lowdim_keys=(*_PUSHT_KP, "goal_keypoint"),
         action_dim=2,
         max_steps=300,
-        expert="rtdp.envs.pusht:PushTExpert",
+        expert="rtdp.envs.pusht_expert:PushTExpert",
         dataset_aliases={"agent_pos": ("state", 0, 2)},
+        control_rate_hz=10.0,
+        hold_action="rtdp.envs.pusht:hold_action",
     ),
     entry_point="rtdp.envs.pusht:PushTGoalEnv",
 )
@@ -163,6 +222,8 @@ register_task(
         max_steps=400,
         eval_seeds=tuple(range(100000, 100050)),
         expert="rtdp.envs.lift:LiftExpert",
+        control_rate_hz=20.0,
+        hold_action="rtdp.envs.lift:hold_action",
     ),
     entry_point="rtdp.envs.lift:LiftEnv",
 )

@@ -299,6 +299,18 @@ def _quat_to_rotvec(q: np.ndarray) -> np.ndarray:
     return q[:3] * (2.0 * np.arctan2(sin_half, q[3]) / sin_half)
 
 
+def hold_action(obs: dict[str, np.ndarray]) -> np.ndarray:
+    """The action that keeps the arm where it is: zero OSC_POSE deltas and gripper command 0.
+
+    OSC_POSE actions are displacements from the current pose, so holding needs
+    nothing from the observation; ``obs`` is taken for the common signature.
+
+    Returns:
+        ``(7,)`` float64 zeros.
+    """
+    return np.zeros(ACTION_DIM)
+
+
 def _yaw(q: np.ndarray) -> float:
     """Heading (radians) of the body x axis of an ``(x, y, z, w)`` quaternion, projected on the table."""
     x, y, z, w = q

@@ -25,8 +25,8 @@ controller drives the kinematic pusher towards it. Every step reports
 (coverage ≥ 0.95, which also terminates the episode, as in Diffusion Policy).
 The 300-step limit comes from the registration in :mod:`rtdp.envs`.
 
-The scripted expert lives in :mod:`rtdp.envs.pusht_expert` and is re-exported
-here as :class:`PushTExpert`.
+The scripted expert lives in :mod:`rtdp.envs.pusht_expert`, which imports this
+module (never the other way round).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from rtdp.errors import ActionError, ConfigError, require_package
+from rtdp.errors import ActionError, ConfigError, ObservationError, require_package
 
 #: Goal pose of the block origin, ``(x, y, angle)``, fixed by gym_pusht.
 GOAL_POSE = np.array([256.0, 256.0, np.pi / 4])
@@ -93,6 +93,26 @@ BLOCK_KEYPOINTS_LOCAL = np.array(
 
 OBS_MODES = ("state", "image")
 _KEYPOINT_REACH = float(np.ceil(np.linalg.norm(BLOCK_KEYPOINTS_LOCAL, axis=1).max()))
+
+
+def hold_action(obs: dict[str, np.ndarray]) -> np.ndarray:
+    """The action that keeps the pusher where it is: its own position as the target.
+
+    Args:
+        obs: a PushT observation with ``agent_pos`` (2,), pixels.
+
+    Returns:
+        ``(2,)`` float64 target position.
+
+    Raises:
+        ObservationError: ``obs`` has no ``agent_pos`` of shape (2,).
+    """
+    if "agent_pos" not in obs:
+        raise ObservationError(f"holding the PushT pusher needs obs['agent_pos']; got keys {sorted(obs)}")
+    pos = np.asarray(obs["agent_pos"], dtype=np.float64)
+    if pos.shape != (2,):
+        raise ObservationError(f"obs['agent_pos'] must have shape (2,); got {pos.shape}")
+    return pos.copy()
 
 
 def block_keypoints(block_pose: np.ndarray) -> np.ndarray:
@@ -401,12 +421,3 @@ class PushTGoalEnv(PushTEnv):
     ) -> None:
         super().__init__(obs_mode=obs_mode, render_size=render_size, render_mode=render_mode, goal_mode=goal_mode)
 
-
-def __getattr__(name: str):
-    # The expert is re-exported lazily so that the task registry's
-    # "rtdp.envs.pusht:PushTExpert" resolves without an import cycle.
-    if name == "PushTExpert":
-        from rtdp.envs.pusht_expert import PushTExpert
-
-        return PushTExpert
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,15 +25,6 @@ from rtdp.controllers.drivers.base import ActionLimits, DriverBase, Reading
 from rtdp.errors import ActionError, ConfigError, DeviceDisconnectedError, DeviceNotConnectedError, DriverError
 
 
-def hold_action(task: str, obs: dict[str, np.ndarray]) -> np.ndarray:
-    """The command that keeps a task's robot where it is."""
-    if task.startswith("pusht"):
-        return np.asarray(obs["agent_pos"], dtype=np.float64)  # PushT commands a target position
-    if task == "lift":
-        return np.zeros(7)  # OSC deltas: no motion, gripper command 0
-    raise ConfigError(f"the sim driver does not know how to hold task {task!r}")
-
-
 def _sim_main(task_name: str, rate_hz: float, conn) -> None:
     """Body of the simulator process."""
     from rtdp.envs import get_task, make
@@ -71,7 +62,7 @@ def _sim_main(task_name: str, rate_hz: float, conn) -> None:
                 timeout = max(0.0, next_tick - time.monotonic()) if running else 0.05
             if not running or time.monotonic() < next_tick:
                 continue
-            act = hold_action(task_name, obs) if command is None else command
+            act = task.hold(obs) if command is None else command
             obs, _, terminated, truncated, info = env.step(act.astype(np.float32))
             steps += 1
             t = time.monotonic()
@@ -96,8 +87,9 @@ class SimDriver(DriverBase):
     """Drive an rtdp task's environment as if it were hardware.
 
     Args:
-        task: task name (``pusht``, ``pusht_goal``, ``lift``).
-        rate_hz: how fast the environment advances; default: the task's control rate.
+        task: task name (``pusht``, ``pusht_goal``, ``lift``, or any registered task with a
+            ``hold_action``).
+        rate_hz: how fast the environment advances; default: the task's ``control_rate_hz``.
         max_delta: per-cycle command change limit for the safety layer (None: unlimited).
         start_timeout_s: how long to wait for the simulator process to come up.
     """
@@ -106,12 +98,18 @@ class SimDriver(DriverBase):
     # the controller reads half a period after each environment step (see Controller.run_episode)
     loop_phase = 0.5
 
-    def __init__(self, task: str = "pusht", rate_hz: float | None = None, *, max_delta: float | None = None,
+    def __init__(self, task: str, rate_hz: float | None = None, *, max_delta: float | None = None,
                  start_timeout_s: float = 60.0) -> None:
         from rtdp.envs import get_task
 
         self.task = get_task(task)
-        self.rate_hz = float(rate_hz) if rate_hz is not None else (20.0 if task == "lift" else 10.0)
+        if not self.task.hold_action:
+            # checked here, not at the first tick without a command inside the simulator process
+            raise ConfigError(f"the sim driver cannot run task {task!r}: it has no hold_action, so the robot "
+                              "could not be kept still before the first command or after stop()")
+        if rate_hz is not None and not float(rate_hz) > 0:
+            raise ConfigError(f"rate_hz must be positive; got {rate_hz!r}")
+        self.rate_hz = float(rate_hz) if rate_hz is not None else float(self.task.control_rate_hz)
         self.max_delta = max_delta
         self.start_timeout_s = start_timeout_s
         self.action_dim = self.task.action_dim
