@@ -152,3 +152,37 @@ def test_a_closed_port_mid_motion_exits_nonzero_with_a_clear_message(tmp_path):
     # what was measured before the cable was pulled is kept
     report = json.loads((tmp_path / "report.json").read_text())
     assert "torque-off attempted" in report["error"] and report["cycles"] > 0
+
+
+def _emulator_children() -> list[int]:
+    """PIDs of this process's children that run the bus emulator."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"rtdp.controllers.emulator.dynamixel" in cmd:
+            found.append(int(pid))
+    return found
+
+
+def test_rtdp_control_with_port_emulator_runs_and_stops_the_emulator(tmp_path, capsys):
+    """``rtdp control driver=dynamixel port=emulator``: the emulator starts, the loop runs, both end cleanly."""
+    from rtdp.cli import compose
+    from rtdp.workflows.control import run_control
+
+    cfg = compose("control", ["size=small", "driver=dynamixel", "port=emulator", "motors=[1,2,3]", "duration_s=1",
+                              f"out={tmp_path}", "worker=thread", "threads=1", "live=false", "sampler=ddim",
+                              "steps=3"])
+    report = run_control(cfg)
+    err = capsys.readouterr().err
+    assert "Dynamixel bus emulator on /dev/" in err
+    assert report["driver"] == "dynamixel" and report["rate_hz"] == 50.0 and "error" not in report
+    assert 25 <= report["cycles"] <= 51  # 1 s at 50 Hz, the loop's own count
+    assert report["chunks"] >= 1 and report["inference_ms_p50"] is not None
+    assert json.loads((tmp_path / "report.json").read_text())["cycles"] == report["cycles"]
+    assert _emulator_children() == []  # the emulator process was stopped and reaped

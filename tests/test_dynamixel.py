@@ -26,11 +26,11 @@ from rtdp.controllers.drivers.dynamixel import (  # noqa: E402  (after the skip:
     RAD_PER_TICK,
     RAD_S_PER_VELOCITY_UNIT,
     DynamixelDriver,
-    _sleeping_port_handler,
     load_calibration,
     make_dynamixel_driver,
     write_calibration,
 )
+from rtdp.controllers.motors.sdk_port import sleeping_port_handler  # noqa: E402
 
 IDS = [1, 2, 3, 4, 5, 6]
 CAL = {
@@ -520,7 +520,7 @@ def test_port_sleeps_while_waiting_for_a_reply(make_emu):
     # The SDK's own handler polls a timeout-0 port; ours waits in select, so a bus
     # transaction leaves the core to the inference worker and the (emulated) servos.
     emu = make_emu({1: "xl330-m288"})
-    port = _sleeping_port_handler(sdk)(emu.port)
+    port = sleeping_port_handler(sdk)(emu.port)
     assert port.openPort() and port.setBaudRate(1_000_000)
     ph = sdk.PacketHandler(2.0)
     try:

@@ -1,10 +1,10 @@
-"""DYNAMIXEL X-series arm driver (Protocol 2.0) on the official ``dynamixel-sdk``.
+"""DYNAMIXEL X-series arm driver (Protocol 2.0): joint radians in, joint radians out.
 
 One driver owns one bus (a U2D2 or any USB-serial adapter) with N servos in
-position control mode. Per control cycle it does one GroupSyncRead of
-Present Velocity + Present Position (address 128, 8 bytes) and one
-GroupSyncWrite of Goal Position (116, 4 bytes); everything else happens in
-``connect()`` and ``close()``::
+position control mode, through :class:`~rtdp.controllers.motors.bus.DynamixelBus`.
+Per control cycle it does one sync read of Present Velocity + Present
+Position (address 128, 8 bytes) and one sync write of Goal Position (116, 4
+bytes); everything else happens in ``connect()`` and ``close()``::
 
     drv = DynamixelDriver("/dev/ttyUSB0", [1, 2, 3, 4, 5, 6], "xl330-m288", "calibration.json")
     with drv:                                   # ping + model check, limits, watchdog, torque on
@@ -12,26 +12,9 @@ GroupSyncWrite of Goal Position (116, 4 bytes); everything else happens in
         drv.write(r.obs["joint_pos"] + 0.01)    # (6,) target joint positions, rad
     # stop() holds position, close() turns torque off on every servo, even after an exception
 
-Calibration, one JSON object per joint, in LeRobot's format (a LeRobot
-calibration file for a Dynamixel arm loads as is)::
-
-    {
-      "shoulder_pan": {"id": 1, "drive_mode": 0, "homing_offset": -1024, "range_min": 1024, "range_max": 3072},
-      ...
-    }
-
-* ``homing_offset`` (ticks) is written to the servo's Homing Offset (20), so
-  Present Position = actual position + homing offset, as LeRobot does;
-* ``range_min`` / ``range_max`` (ticks of Present Position, 0..4095) are
-  written to Min/Max Position Limit (52/48): the servo itself refuses goals
-  outside them, and they are the driver's action limits;
-* ``drive_mode`` 1 reverses the joint's direction; it is applied in
-  software (the servo's own Drive Mode register is left as it is).
-
-Joint angle in radians: ``sign * (ticks - 2048) * 2*pi / 4096`` with
-``sign`` = +1 for drive_mode 0 and -1 for drive_mode 1: tick 2048, half a
-turn, is zero, which is where LeRobot's calibration puts the middle of each
-joint's range. Velocity: ``sign * units * 0.229 rev/min`` in rad/s.
+The calibration (LeRobot's JSON format, ticks <-> radians) is described in
+:mod:`rtdp.controllers.motors.calibration`; ``load_calibration``,
+``write_calibration`` and ``MotorCalibration`` are importable from here too.
 
 Reads never return stale data: a sync read that fails (timeout, CRC error,
 a servo missing from the reply) is retried after the line has gone quiet, up
@@ -41,234 +24,42 @@ SDK reports every servo's data as available from this transaction.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import select
-import termios
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from rtdp.controllers.drivers.base import ActionLimits, DriverBase, Reading
-from rtdp.controllers.protocol2 import describe_error
-from rtdp.errors import (
-    ActionError,
-    ConfigError,
-    DeviceDisconnectedError,
-    DeviceNotConnectedError,
-    DriverError,
-    require_package,
+from rtdp.controllers.motors.bus import DynamixelBus
+from rtdp.controllers.motors.calibration import (
+    CENTER_TICKS,
+    MAX_ID,
+    RAD_PER_TICK,
+    RAD_S_PER_VELOCITY_UNIT,
+    MotorCalibration,
+    load_calibration,
+    write_calibration,
 )
+from rtdp.controllers.motors.registers import MODEL_NUMBERS, WATCHDOG_TRIPPED, WATCHDOG_UNIT_MS, OperatingMode
+from rtdp.controllers.protocol2 import ERRBIT_ALERT
+from rtdp.errors import ActionError, ConfigError, DeviceDisconnectedError, DeviceNotConnectedError, DriverError
+
+__all__ = [
+    "DynamixelDriver", "MotorCalibration", "load_calibration", "make_dynamixel_driver", "write_calibration",
+    "MODEL_NUMBERS", "RAD_PER_TICK", "RAD_S_PER_VELOCITY_UNIT",
+]
 
 logger = logging.getLogger(__name__)
 
-# Model numbers at address 0 (ROBOTIS e-Manual).
-MODEL_NUMBERS: dict[str, int] = {
-    "xl330-m077": 1190,
-    "xl330-m288": 1200,
-    "xl430-w250": 1060,
-    "xm430-w210": 1030,
-    "xm430-w350": 1020,
-}
-
-# Control table of the X series (Protocol 2.0): (address, size).
-ADDR_RETURN_DELAY_TIME = (9, 1)  # 2 us units
-ADDR_OPERATING_MODE = (11, 1)
-ADDR_HOMING_OFFSET = (20, 4)
-ADDR_MAX_POSITION_LIMIT = (48, 4)
-ADDR_MIN_POSITION_LIMIT = (52, 4)
-ADDR_TORQUE_ENABLE = (64, 1)
-ADDR_HARDWARE_ERROR_STATUS = (70, 1)
-ADDR_BUS_WATCHDOG = (98, 1)
-ADDR_GOAL_POSITION = (116, 4)
-ADDR_PRESENT_VELOCITY = (128, 4)
-ADDR_PRESENT_POSITION = (132, 4)
-
-POSITION_CONTROL_MODE = 3
-TICKS_PER_REV = 4096
-CENTER_TICKS = 2048
-RAD_PER_TICK = 2.0 * math.pi / TICKS_PER_REV
-RAD_S_PER_VELOCITY_UNIT = 0.229 * 2.0 * math.pi / 60.0  # Present Velocity unit: 0.229 rev/min
-WATCHDOG_UNIT_MS = 20
 # A servo resting this far outside its calibrated range at connect is
 # brought to the limit on torque-on (sensor noise at a hard stop); further
 # out, connect refuses rather than swing the joint.
 LIMIT_TOLERANCE_TICKS = 32
-
-_COMM_SUCCESS = 0
-_ERROR_NUMBER_MASK = 0x7F
-_ALERT_BIT = 0x80
-# What pyserial / termios raise when the device node is gone or the pty closed.
-_PORT_ERRORS = (OSError, termios.error)
-
-
-def _sleeping_port_handler(sdk: Any) -> type:
-    """``dynamixel_sdk.PortHandler`` whose reads sleep until bytes arrive instead of spinning.
-
-    The SDK opens the port with ``timeout=0`` and polls it in a loop until the
-    reply is complete or the packet times out, which keeps one core busy for
-    the whole bus transaction (a third of the cycle at 50 Hz with three
-    servos). That core is the one the inference worker needs. This handler
-    returns what is already there or else waits in ``select`` until the first
-    byte arrives or the SDK's packet deadline passes; the SDK's loop, its
-    timeouts and its results are unchanged.
-    """
-
-    class SleepingPortHandler(sdk.PortHandler):
-        def readPort(self, length):  # noqa: N802 (the SDK's name)
-            data = self.ser.read(length)
-            if data or self.packet_timeout <= 0:
-                return data
-            wait_s = (self.packet_timeout - self.getTimeSinceStart()) / 1e3
-            if wait_s > 0:
-                try:
-                    select.select([self.ser.fileno()], [], [], wait_s)
-                except ValueError as exc:  # the descriptor is gone (port closed under us)
-                    raise OSError(f"port closed: {exc}") from exc
-                data = self.ser.read(length)
-            return data
-
-    return SleepingPortHandler
-
-
-# --- calibration -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MotorCalibration:
-    """Calibration of one joint (LeRobot's ``MotorCalibration`` fields).
-
-    Attributes:
-        id: servo ID on the bus.
-        drive_mode: 0: joint angle grows with the servo's ticks; 1: reversed.
-        homing_offset: ticks written to Homing Offset (20).
-        range_min, range_max: allowed Present Position range, ticks (0..4095).
-    """
-
-    id: int
-    drive_mode: int = 0
-    homing_offset: int = 0
-    range_min: int = 0
-    range_max: int = TICKS_PER_REV - 1
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.id <= 252:
-            raise ConfigError(f"calibration: servo id must be 0..252, got {self.id}")
-        if self.drive_mode not in (0, 1):
-            raise ConfigError(f"calibration of id {self.id}: drive_mode must be 0 or 1, got {self.drive_mode}")
-        if not -1_044_479 <= self.homing_offset <= 1_044_479:
-            raise ConfigError(f"calibration of id {self.id}: homing_offset {self.homing_offset} outside ±1,044,479")
-        if not 0 <= self.range_min < self.range_max <= TICKS_PER_REV - 1:
-            raise ConfigError(
-                f"calibration of id {self.id}: need 0 <= range_min < range_max <= 4095, "
-                f"got range_min={self.range_min}, range_max={self.range_max}"
-            )
-
-    @property
-    def sign(self) -> int:
-        return -1 if self.drive_mode else 1
-
-    def to_radians(self, ticks: np.ndarray | int) -> np.ndarray | float:
-        return self.sign * (np.asarray(ticks, dtype=np.float64) - CENTER_TICKS) * RAD_PER_TICK
-
-    def to_ticks(self, radians: np.ndarray | float) -> np.ndarray | float:
-        return CENTER_TICKS + self.sign * np.asarray(radians, dtype=np.float64) / RAD_PER_TICK
-
-
-_CALIBRATION_KEYS = {"id", "drive_mode", "homing_offset", "range_min", "range_max"}
-
-
-def _motor_calibration(name: str, entry: Any, source: str) -> MotorCalibration:
-    if isinstance(entry, MotorCalibration):
-        return entry
-    if not isinstance(entry, Mapping):
-        raise ConfigError(f"{source}: entry {name!r} must be an object with {sorted(_CALIBRATION_KEYS)}, got {entry!r}")
-    unknown = set(entry) - _CALIBRATION_KEYS
-    if unknown:
-        raise ConfigError(f"{source}: entry {name!r} has unknown keys {sorted(unknown)}; known: {sorted(_CALIBRATION_KEYS)}")
-    fields = dict(entry)
-    if "id" not in fields:
-        if isinstance(name, int) or str(name).isdigit():
-            fields["id"] = int(name)  # a dict keyed by servo id
-        else:
-            raise ConfigError(f"{source}: entry {name!r} has no 'id'")
-    for key, value in fields.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {name!r}.{key} must be an integer, got {value!r}")
-    return MotorCalibration(**fields)
-
-
-def load_calibration(source: str | os.PathLike | Mapping[Any, Any]) -> dict[str, MotorCalibration]:
-    """Read a calibration: a JSON file path, or a dict in the same form.
-
-    Args:
-        source: path of a JSON file ``{joint name: {"id", "drive_mode",
-            "homing_offset", "range_min", "range_max"}}`` (LeRobot's format),
-            or such a dict; values may also be :class:`MotorCalibration`, and
-            keys may be servo IDs (then ``"id"`` may be left out).
-
-    Returns:
-        ``{joint name: MotorCalibration}`` in file order.
-
-    Raises:
-        ConfigError: missing/unreadable file, bad JSON, bad or duplicate entries.
-    """
-    if isinstance(source, Mapping):
-        data, where = source, "calibration"
-    else:
-        path = Path(source)
-        where = f"calibration file {path}"
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {where}: {exc.strerror or exc}") from exc
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where} must hold a JSON object keyed by joint name, got {type(data).__name__}")
-    if not data:
-        raise ConfigError(f"{where} holds no joints")
-    out: dict[str, MotorCalibration] = {}
-    seen: dict[int, str] = {}
-    for name, entry in data.items():
-        cal = _motor_calibration(name, entry, where)
-        joint = str(name) if not isinstance(name, int) else f"motor_{name}"
-        if cal.id in seen:
-            raise ConfigError(f"{where}: joints {seen[cal.id]!r} and {joint!r} both use servo id {cal.id}")
-        seen[cal.id] = joint
-        out[joint] = cal
-    return out
-
-
-def write_calibration(path: str | os.PathLike, calibration: Mapping[Any, Any]) -> Path:
-    """Write a calibration as JSON in LeRobot's format (validated first).
-
-    Args:
-        path: file to write; parent folders are created.
-        calibration: anything :func:`load_calibration` accepts as a dict.
-
-    Returns:
-        The path written.
-    """
-    cal = load_calibration(calibration)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    # Write then rename, so a crash never leaves a half-written calibration.
-    tmp.write_text(json.dumps({name: asdict(c) for name, c in cal.items()}, indent=4) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-# --- driver ------------------------------------------------------------------
+# Present Velocity (128) and Present Position (132) are adjacent: one 8-byte sync read.
+_STATE = ("present_velocity", "present_position")
 
 
 class DynamixelDriver(DriverBase):
@@ -304,6 +95,8 @@ class DynamixelDriver(DriverBase):
             SDK's ~34 ms timeout + ``resync_s`` cannot be told from fresh ones.
 
     Attributes:
+        bus: the :class:`~rtdp.controllers.motors.bus.DynamixelBus` it talks through (open from
+            ``connect()`` to ``close()``).
         torque_off_log: every torque-off attempt of ``close()``: ``(id, ok, detail)``.
         stats: counters of retries, resyncs and watchdog recoveries.
     """
@@ -336,8 +129,8 @@ class DynamixelDriver(DriverBase):
             raise ConfigError(f"DynamixelDriver: motor_ids must be a sequence of integers, got {motor_ids!r}") from exc
         if not ids:
             raise ConfigError("DynamixelDriver: motor_ids is empty")
-        if len(set(ids)) != len(ids) or not all(0 <= i <= 252 for i in ids):
-            raise ConfigError(f"DynamixelDriver: motor_ids must be distinct IDs in 0..252, got {ids}")
+        if len(set(ids)) != len(ids) or not all(0 <= i <= MAX_ID for i in ids):
+            raise ConfigError(f"DynamixelDriver: motor_ids must be distinct IDs in 0..{MAX_ID}, got {ids}")
         models = [model] * len(ids) if isinstance(model, str) else list(model)
         if len(models) != len(ids):
             raise ConfigError(f"DynamixelDriver: {len(models)} models given for {len(ids)} motor ids")
@@ -388,9 +181,7 @@ class DynamixelDriver(DriverBase):
         self.read_retries = read_retries
         self.write_retries = write_retries
         self.return_delay_units = None if return_delay_us is None else int(return_delay_us) // 2
-        self.connect_retries = connect_retries
         self.close_retries = close_retries
-        self.resync_s = resync_s
         self.action_dim = len(ids)
 
         self._sign = np.array([c.sign for c in self.calibration], dtype=np.float64)
@@ -404,18 +195,12 @@ class DynamixelDriver(DriverBase):
             max_delta=np.full(len(ids), self.max_joint_speed * self.period_s),
         )
 
-        self._sdk: Any = None
-        self._port: Any = None  # dynamixel_sdk.PortHandler while open
-        self._ph: Any = None
-        self._sync_read: Any = None
-        self._sync_write: Any = None
+        self.bus = DynamixelBus(port, self.baudrate, retries=connect_retries, resync_s=resync_s)
         self._connected = False
-        self._port_lost: str | None = None
-        self._last_tx = 0.0
         self._last_ticks: np.ndarray | None = None  # Present Position of the last good read
         self._verified: list[int] = []  # IDs that answered with the right model: the ones close() may write to
         self.torque_off_log: list[tuple[int, bool, str]] = []
-        self.stats: Counter[str] = Counter()
+        self.stats = self.bus.stats  # the bus counts retries and resyncs, the driver watchdog recoveries
 
     # --- public interface ---
     @property
@@ -425,7 +210,7 @@ class DynamixelDriver(DriverBase):
 
     @property
     def connected(self) -> bool:
-        return self._connected
+        return self._connected and not self.bus.lost
 
     def connect(self) -> None:
         """Open the port, check every servo, configure it and enable torque.
@@ -440,56 +225,41 @@ class DynamixelDriver(DriverBase):
                 the wrong model, reports a hardware error, refuses a setting,
                 or rests outside its calibrated range.
         """
-        if self._connected:
+        if self.connected:
             return
-        if self._port is not None:
+        if self.bus.is_open:
             self._release()  # a session that lost its port and was never closed
-        self._sdk = require_package("dynamixel_sdk", "hw", "the Dynamixel driver")
-        sdk = self._sdk
-        port = _sleeping_port_handler(sdk)(self.port)
-        try:
-            opened = port.openPort()
-        except _PORT_ERRORS as exc:
-            raise DriverError(f"cannot open Dynamixel port {self.port}: {exc}") from exc
-        if not opened:
-            raise DriverError(f"cannot open Dynamixel port {self.port}")
-        self._port, self._ph, self._port_lost = port, sdk.PacketHandler(2.0), None
+        bus = self.bus
+        bus.open()
         self._verified, self._last_ticks = [], None
         try:
-            if not port.setBaudRate(self.baudrate):
-                raise DriverError(f"baud rate {self.baudrate} is not supported by the SDK on {self.port}")
             self._check_servos()
             for i, cal in zip(self.motor_ids, self.calibration):
-                self._write(i, ADDR_TORQUE_ENABLE, 0, "Torque Enable")
-                if self._read(i, ADDR_BUS_WATCHDOG, signed=True) != 0:
-                    self._write(i, ADDR_BUS_WATCHDOG, 0, "Bus Watchdog")  # clears a trip of an earlier session
-                self._ensure(i, ADDR_OPERATING_MODE, POSITION_CONTROL_MODE, "Operating Mode")
+                bus.write(i, "torque_enable", 0)
+                if bus.read(i, "bus_watchdog") != 0:
+                    bus.write(i, "bus_watchdog", 0)  # clears a trip of an earlier session
+                bus.ensure(i, "operating_mode", OperatingMode.POSITION)
                 if self.return_delay_units is not None:
-                    self._ensure(i, ADDR_RETURN_DELAY_TIME, self.return_delay_units, "Return Delay Time")
-                self._ensure(i, ADDR_HOMING_OFFSET, cal.homing_offset, "Homing Offset", signed=True)
+                    bus.ensure(i, "return_delay_time", self.return_delay_units)
+                bus.ensure(i, "homing_offset", cal.homing_offset)
                 # Min before max would fail if the new min exceeds the old max; widen first, then narrow.
-                self._ensure(i, ADDR_MAX_POSITION_LIMIT, TICKS_PER_REV - 1, "Max Position Limit")
-                self._ensure(i, ADDR_MIN_POSITION_LIMIT, cal.range_min, "Min Position Limit")
-                self._ensure(i, ADDR_MAX_POSITION_LIMIT, cal.range_max, "Max Position Limit")
+                bus.ensure(i, "max_position_limit", bus.register("max_position_limit").high)
+                bus.ensure(i, "min_position_limit", cal.range_min)
+                bus.ensure(i, "max_position_limit", cal.range_max)
             for i, cal, name in zip(self.motor_ids, self.calibration, self.joint_names):
-                present = self._read(i, ADDR_PRESENT_POSITION, signed=True)
+                present = bus.read(i, "present_position")
                 if not cal.range_min - LIMIT_TOLERANCE_TICKS <= present <= cal.range_max + LIMIT_TOLERANCE_TICKS:
                     raise DriverError(
                         f"servo id {i} ({name}) on {self.port} rests at {present} ticks, outside its calibrated "
                         f"range [{cal.range_min}, {cal.range_max}]: move the joint into range by hand or recalibrate"
                     )
                 # Torque-on drives to Goal Position: make that where the joint already is.
-                self._write(i, ADDR_GOAL_POSITION, int(np.clip(present, cal.range_min, cal.range_max)), "Goal Position")
+                bus.write(i, "goal_position", int(np.clip(present, cal.range_min, cal.range_max)))
             if self.watchdog_units:
                 for i in self.motor_ids:
-                    self._write(i, ADDR_BUS_WATCHDOG, self.watchdog_units, "Bus Watchdog")
+                    bus.write(i, "bus_watchdog", self.watchdog_units)
             for i in self.motor_ids:
-                self._write(i, ADDR_TORQUE_ENABLE, 1, "Torque Enable")
-            # Present Velocity (128) and Present Position (132) are adjacent: one 8-byte read.
-            self._sync_read = sdk.GroupSyncRead(port, self._ph, ADDR_PRESENT_VELOCITY[0], 8)
-            for i in self.motor_ids:
-                self._sync_read.addParam(i)
-            self._sync_write = sdk.GroupSyncWrite(port, self._ph, *ADDR_GOAL_POSITION)
+                bus.write(i, "torque_enable", 1)
             self._connected = True
         except BaseException:
             self._release()
@@ -497,7 +267,7 @@ class DynamixelDriver(DriverBase):
         logger.info("dynamixel: connected %d servos %s on %s", len(self.motor_ids), self.motor_ids, self.port)
 
     def read(self) -> Reading:
-        """One GroupSyncRead of Present Velocity + Present Position.
+        """One sync read of Present Velocity + Present Position.
 
         Returns:
             ``Reading(t, {"joint_pos": (N,) rad, "joint_vel": (N,) rad/s}, {})``,
@@ -510,32 +280,15 @@ class DynamixelDriver(DriverBase):
         """
         self._require_connected()
         self._recover_watchdog_if_due()
-        last = ""
-        for attempt in range(1 + self.read_retries):
-            if attempt:
-                self.stats["read_retries"] += 1
-            t0 = time.monotonic()
-            result = self._transact(self._sync_read.txRxPacket)
-            t1 = time.monotonic()
-            if result == _COMM_SUCCESS:
-                values = self._collect()
-                if values is not None:
-                    vel_units, ticks = values
-                    self._last_ticks = ticks
-                    pos = self._sign * (ticks - CENTER_TICKS) * RAD_PER_TICK
-                    vel = self._sign * vel_units * RAD_S_PER_VELOCITY_UNIT
-                    return Reading(0.5 * (t0 + t1), {"joint_pos": pos, "joint_vel": vel}, {})
-                last = "reply incomplete (a servo's data missing or short)"
-            else:
-                last = self._ph.getTxRxResult(result)
-            self._resync()
-        raise DeviceDisconnectedError(
-            f"no complete reply from servos {self.motor_ids} on {self.port} after {1 + self.read_retries} "
-            f"attempts (last: {last}); check power and cable"
-        )
+        t, values = self.bus.sync_read(_STATE, self.motor_ids, retries=self.read_retries)
+        ticks = values["present_position"]
+        self._last_ticks = ticks
+        pos = self._sign * (ticks - CENTER_TICKS) * RAD_PER_TICK
+        vel = self._sign * values["present_velocity"] * RAD_S_PER_VELOCITY_UNIT
+        return Reading(t, {"joint_pos": pos, "joint_vel": vel}, {})
 
     def write(self, action: np.ndarray) -> None:
-        """Send target joint positions (N,) rad as one GroupSyncWrite of Goal Position.
+        """Send target joint positions (N,) rad as one sync write of Goal Position.
 
         Targets are converted through the calibration and clipped to the
         calibrated range; the call returns without waiting for motion.
@@ -565,7 +318,7 @@ class DynamixelDriver(DriverBase):
 
     def stop(self) -> None:
         """Hold: Goal Position := present position (a fresh read, else the last one). Never raises."""
-        if not self._connected or self._port_lost:
+        if not self.connected:
             return
         try:
             try:
@@ -584,7 +337,7 @@ class DynamixelDriver(DriverBase):
 
         Idempotent, never raises; failures are logged and recorded in ``torque_off_log``.
         """
-        if self._port is None:
+        if not self.bus.is_open:
             return
         self._connected = False
         try:
@@ -594,128 +347,23 @@ class DynamixelDriver(DriverBase):
 
     # --- internals ---
     def _require_connected(self) -> None:
-        if self._port_lost:
+        if self.bus.lost:
             raise DeviceDisconnectedError(
-                f"Dynamixel port {self.port} went away ({self._port_lost}); close() and connect() again"
+                f"Dynamixel port {self.port} went away ({self.bus.lost}); close() and connect() again"
             )
         if not self._connected:
             raise DeviceNotConnectedError(
                 f"DynamixelDriver on {self.port} is not connected: call connect() or use 'with driver:'"
             )
 
-    def _transact(self, fn, *args):
-        """Run one SDK transaction; a vanished port becomes DeviceDisconnectedError."""
-        self._last_tx = time.monotonic()
-        try:
-            return fn(*args)
-        except _PORT_ERRORS as exc:
-            # The SDK leaves its busy flag set when an exception escapes it.
-            self._port.is_using = False
-            self._port_lost = f"{type(exc).__name__}: {exc}"
-            self._connected = False
-            raise DeviceDisconnectedError(
-                f"Dynamixel port {self.port} went away ({exc}); check the USB cable and adapter"
-            ) from exc
-
-    def _collect(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Velocities and positions of every servo from the last sync read, or None if any is missing."""
-        g = self._sync_read
-        vel = np.empty(len(self.motor_ids), dtype=np.float64)
-        pos = np.empty(len(self.motor_ids), dtype=np.int64)
-        for k, i in enumerate(self.motor_ids):
-            if not g.isAvailable(i, ADDR_PRESENT_VELOCITY[0], 8):
-                return None
-            try:
-                v = g.getData(i, ADDR_PRESENT_VELOCITY[0], 4)
-                p = g.getData(i, ADDR_PRESENT_POSITION[0], 4)
-            except (IndexError, KeyError, TypeError):
-                return None  # a status packet with less data than asked (e.g. an error reply)
-            vel[k] = _signed32(v)
-            pos[k] = _signed32(p)
-        return vel, pos
-
     def _send_goal(self, ticks: np.ndarray) -> None:
-        g = self._sync_write
-        last = ""
-        for attempt in range(1 + self.write_retries):
-            if attempt:
-                self.stats["write_retries"] += 1
-            g.clearParam()
-            for i, t in zip(self.motor_ids, ticks):
-                g.addParam(i, list(int(t).to_bytes(4, "little", signed=True)))
-            result = self._transact(g.txPacket)
-            if result == _COMM_SUCCESS:
-                return
-            last = self._ph.getTxRxResult(result)
-        raise DriverError(f"could not send goal positions on {self.port} after {1 + self.write_retries} attempts: {last}")
-
-    def _resync(self) -> None:
-        """Wait until no byte has arrived for ``resync_s``, discarding what arrives.
-
-        Without this, a reply that came in after the SDK gave up would be
-        read as the answer to the next request: a stale reading.
-        """
-        self.stats["resyncs"] += 1
-        start = quiet_since = time.monotonic()
-        while True:
-            now = time.monotonic()
-            try:
-                waiting = self._port.getBytesAvailable()
-                if waiting:
-                    self._port.readPort(waiting)
-                    quiet_since = now
-            except _PORT_ERRORS as exc:
-                self._port_lost = f"{type(exc).__name__}: {exc}"
-                self._connected = False
-                raise DeviceDisconnectedError(f"Dynamixel port {self.port} went away ({exc})") from exc
-            if now - quiet_since >= self.resync_s or now - start > 10 * self.resync_s + 0.1:
-                return
-            time.sleep(0.001)
-
-    def _retrying(self, what: str, dxl_id: int, fn, *args):
-        """Call a unicast SDK function until it gets a status packet; returns its result tuple."""
-        last = ""
-        for attempt in range(1 + self.connect_retries):
-            out = self._transact(fn, *args)
-            result = out[-2]
-            if result == _COMM_SUCCESS:
-                return out
-            last = self._ph.getTxRxResult(result)
-            self._resync()
-        raise DriverError(
-            f"servo id {dxl_id} on {self.port}: {what} failed after {1 + self.connect_retries} attempts: {last}"
-        )
-
-    def _status_error(self, dxl_id: int, error: int, what: str) -> None:
-        if error & _ERROR_NUMBER_MASK:
-            raise DriverError(f"servo id {dxl_id} on {self.port} refused {what}: {describe_error(error)}")
-
-    def _read(self, dxl_id: int, addr: tuple[int, int], signed: bool = False) -> int:
-        address, size = addr
-        fn = {1: self._ph.read1ByteTxRx, 2: self._ph.read2ByteTxRx, 4: self._ph.read4ByteTxRx}[size]
-        value, _, error = self._retrying(f"reading address {address}", dxl_id, fn, self._port, dxl_id, address)
-        self._status_error(dxl_id, error, f"a read of address {address}")
-        if signed and value >= 1 << (8 * size - 1):
-            value -= 1 << (8 * size)
-        return value
-
-    def _write(self, dxl_id: int, addr: tuple[int, int], value: int, what: str) -> None:
-        address, size = addr
-        fn = {1: self._ph.write1ByteTxRx, 2: self._ph.write2ByteTxRx, 4: self._ph.write4ByteTxRx}[size]
-        raw = int(value) & ((1 << (8 * size)) - 1)
-        _, error = self._retrying(f"writing {what}", dxl_id, fn, self._port, dxl_id, address, raw)
-        self._status_error(dxl_id, error, f"{what} = {value}")
-
-    def _ensure(self, dxl_id: int, addr: tuple[int, int], value: int, what: str, signed: bool = False) -> None:
-        # EEPROM has limited write cycles: write only what differs.
-        if self._read(dxl_id, addr, signed=signed) != value:
-            self._write(dxl_id, addr, value, what)
+        self.bus.sync_write("goal_position", dict(zip(self.motor_ids, ticks)), retries=self.write_retries)
 
     def _check_servos(self) -> None:
         problems = []
         for i, model in zip(self.motor_ids, self.models):
             try:
-                number, _, error = self._retrying("ping", i, self._ph.ping, self._port, i)
+                number, error = self.bus.ping(i)
             except DeviceDisconnectedError:
                 raise
             except DriverError:
@@ -729,8 +377,8 @@ class DynamixelDriver(DriverBase):
                 problems.append(f"servo id {i} is model number {number} ({found}), expected {expected} ({model})")
                 continue
             self._verified.append(i)
-            if error & _ALERT_BIT:
-                status = self._read(i, ADDR_HARDWARE_ERROR_STATUS)
+            if error & ERRBIT_ALERT:
+                status = self.bus.read(i, "hardware_error_status")
                 problems.append(
                     f"servo id {i} reports a hardware error (Hardware Error Status {status:#04x}); "
                     "power-cycle or reboot it"
@@ -747,85 +395,47 @@ class DynamixelDriver(DriverBase):
         """
         if not self.watchdog_units:
             return
-        if time.monotonic() - self._last_tx < 0.8 * self.watchdog_units * WATCHDOG_UNIT_MS / 1000.0:
+        if time.monotonic() - self.bus.last_tx < 0.8 * self.watchdog_units * WATCHDOG_UNIT_MS / 1000.0:
             return
+        bus = self.bus
         for i, cal in zip(self.motor_ids, self.calibration):
-            if self._read(i, ADDR_BUS_WATCHDOG, signed=True) != -1:
+            if bus.read(i, "bus_watchdog") != WATCHDOG_TRIPPED:
                 continue
             logger.warning("dynamixel: servo id %d on %s stopped on a bus watchdog timeout; re-arming", i, self.port)
             self.stats["watchdog_recoveries"] += 1
-            self._write(i, ADDR_BUS_WATCHDOG, 0, "Bus Watchdog")
-            present = self._read(i, ADDR_PRESENT_POSITION, signed=True)
-            self._write(i, ADDR_GOAL_POSITION, int(np.clip(present, cal.range_min, cal.range_max)), "Goal Position")
-            self._write(i, ADDR_BUS_WATCHDOG, self.watchdog_units, "Bus Watchdog")
+            bus.write(i, "bus_watchdog", 0)
+            present = bus.read(i, "present_position")
+            bus.write(i, "goal_position", int(np.clip(present, cal.range_min, cal.range_max)))
+            bus.write(i, "bus_watchdog", self.watchdog_units)
 
     def _release(self) -> None:
         """Torque off on every servo (best effort), disarm the watchdog, close the port."""
-        port, ph = self._port, self._ph
+        bus = self.bus
         self._connected = False
-        if port is None:
+        if not bus.is_open:
             return
-        if self._port_lost:
-            # A re-plugged adapter may be back under the same path: one try to reopen.
-            try:
-                port.is_using = False
-                port.openPort()
-                self._port_lost = None
-            except Exception as exc:
-                logger.debug("dynamixel: reopen of %s failed: %s", self.port, exc)
+        bus.reopen_if_lost()
         # Only servos that proved to be the configured model are written to:
         # address 64 need not be Torque Enable on anything else.
         ids = [i for i in self.motor_ids if i in self._verified]
-        if ids and self._sdk is not None and not self._port_lost:
+        if ids:
             # One sync write first turns all our servos off at once ...
-            try:
-                port.is_using = False
-                g = self._sdk.GroupSyncWrite(port, ph, *ADDR_TORQUE_ENABLE)
-                for i in ids:
-                    g.addParam(i, [0])
-                g.txPacket()
-            except Exception as exc:
-                logger.debug("dynamixel: sync torque-off on %s failed: %s", self.port, exc)
+            bus.sync_write_once("torque_enable", {i: 0 for i in ids})
         # ... then each servo is confirmed one by one, whatever happened to the others.
         for i in ids:
             ok = False
             for _ in range(1 + self.close_retries):
-                ok, detail = self._torque_off_once(i)
+                problem = bus.write_once(i, "torque_enable", 0)
+                ok, detail = problem is None, problem or "torque off"
                 self.torque_off_log.append((i, ok, detail))
                 if ok:
                     break
             if ok:
-                try:
-                    port.is_using = False
-                    ph.write1ByteTxRx(port, i, ADDR_BUS_WATCHDOG[0], 0)  # disarm for whoever uses the bus next
-                except Exception:
-                    pass
+                bus.write_once(i, "bus_watchdog", 0)  # disarm for whoever uses the bus next
             else:
                 logger.error("dynamixel: could not turn torque off on servo id %d (%s): %s", i, self.port, detail)
-        try:
-            port.is_using = False
-            port.closePort()
-        except Exception as exc:
-            logger.debug("dynamixel: closing %s: %s", self.port, exc)
-        self._port = None
-        self._sync_read = self._sync_write = None
+        bus.close()
         self._verified = []
-
-    def _torque_off_once(self, dxl_id: int) -> tuple[bool, str]:
-        try:
-            self._port.is_using = False
-            result, error = self._ph.write1ByteTxRx(self._port, dxl_id, ADDR_TORQUE_ENABLE[0], 0)
-        except Exception as exc:
-            return False, f"{type(exc).__name__}: {exc}"
-        if result != _COMM_SUCCESS:
-            return False, self._ph.getTxRxResult(result)
-        if error & _ERROR_NUMBER_MASK:
-            return False, self._ph.getRxPacketError(error)
-        return True, "torque off"
-
-
-def _signed32(value: int) -> int:
-    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def make_dynamixel_driver(
