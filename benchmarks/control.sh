@@ -26,14 +26,14 @@ done
 #    low-dim size network (fresh, timing only; edm-3 takes ~220 ms, longer than the 160 ms chunk,
 #    so the worker never rests), 60 s each
 for worker in thread process; do
-    $RTDP control size=dp_lowdim family=edm sampler=edm steps=3 driver=dynamixel port=emulator rate_hz=50 \
+    $RTDP control size=dp_lowdim policy=edm sampler=edm steps=3 driver=dynamixel port=emulator rate_hz=50 \
         duration_s=60 worker=$worker threads=2 watchdog_s=2 live=false \
         json=$R/control_50hz_$worker.json out=outputs/control_50hz_$worker
 done
 
 # 4. Ten minutes at 50 Hz, process worker, the same network with int8 weights (edm-3+int8dyn ~50 ms,
 #    inside the 160 ms chunk, so the arm moves all the time)
-$RTDP control size=dp_lowdim family=edm sampler=edm steps=3 precision=int8dyn driver=dynamixel port=emulator \
+$RTDP control size=dp_lowdim policy=edm sampler=edm steps=3 precision=int8dyn driver=dynamixel port=emulator \
     rate_hz=50 duration_s=600 worker=process threads=2 watchdog_s=2 live=false \
     json=$R/control_50hz_10min.json out=outputs/control_50hz_10min
 cp outputs/control_50hz_10min/timing.png $R/control_50hz_10min.png

@@ -54,6 +54,26 @@ def _normalise_args(args: list[str]) -> list[str]:
     return out
 
 
+def register_config_groups() -> None:
+    """Offer every registered task and policy family as a hydra config group option (``task=``, ``policy=``).
+
+    The ``policy`` node of a family is derived from its config dataclass
+    (``PolicyFamily.cli_defaults``) and a task's from its ``TaskSpec``, so a
+    family or task registered in code, by rtdp or another package, is on the
+    command line without a yaml file.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    from rtdp.envs import TASKS
+    from rtdp.policies.registry import FAMILIES
+
+    store = ConfigStore.instance()
+    for name in TASKS:
+        store.store(group="task", name=name, node={"name": name})
+    for name, family in FAMILIES.items():
+        store.store(group="policy", name=name, node=family.cli_defaults())
+
+
 def compose(verb: str, overrides: list[str]):
     """Compose the config of a verb with overrides; typed errors for bad ones."""
     from hydra import compose as hydra_compose
@@ -67,6 +87,7 @@ def compose(verb: str, overrides: list[str]):
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"argument {o!r} is not key=value; see `rtdp --help`")
+    register_config_groups()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             cfg = hydra_compose(config_name=verb, overrides=overrides)
@@ -90,7 +111,7 @@ def compose(verb: str, overrides: list[str]):
 def task_name(cfg) -> str | None:
     """The task a verb's config names, or None.
 
-    ``task=NAME`` selects the config group ``configs/task/NAME.yaml``, so
+    ``task=NAME`` selects the option NAME of the config group ``task`` (``register_config_groups``), so
     ``cfg.task`` is a node with a ``name``; a config built in code may hold
     the plain name instead.
     """

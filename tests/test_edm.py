@@ -215,7 +215,7 @@ def test_runner_and_bench_names_give_typed_errors():
         Runner(edm, "edm", 0)
     with pytest.raises(ConfigError, match="steps must be an int in 1..100"):
         Runner(edm, "euler", 101)
-    with pytest.raises(ConfigError, match="needs a consistency checkpoint"):
+    with pytest.raises(ConfigError, match="needs a policy=consistency checkpoint"):
         Runner(edm, "cm", 1)
     with pytest.raises(ConfigError, match="need a goal-conditioned EDM checkpoint"):
         Runner(edm, "edm", 3, guidance_scale=0.0)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rtdp.errors import CheckpointError, ConfigError, MissingKeyError, ObservationError, UnknownNameError
+from rtdp.models.base import SCHEMA_VERSION
 from rtdp.policies import SIZES, DiffusionUnetConfig, DiffusionUnetPolicy
 from rtdp.policies.unet1d import ConditionalUnet1D
 
@@ -239,7 +240,7 @@ def test_save_load_gives_identical_actions(tmp_path):
     before = policy.predict_action_chunk(obs, **kw, generator=torch.Generator().manual_seed(4))
     policy.save_pretrained(tmp_path / "ckpt")
     meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert meta["schema_version"] == 1 and meta["config"]["down_dims"] == [16, 32]
+    assert meta["schema_version"] == SCHEMA_VERSION and meta["config"]["down_dims"] == [16, 32]
     loaded = DiffusionUnetPolicy.from_pretrained(tmp_path / "ckpt")
     after = loaded.predict_action_chunk(obs, **kw, generator=torch.Generator().manual_seed(4))
     assert torch.equal(before, after)
@@ -253,7 +254,7 @@ def test_checkpoint_errors(tmp_path):
     meta = json.loads(cfg_file.read_text())
 
     cfg_file.write_text(json.dumps({**meta, "schema_version": 7}))
-    with pytest.raises(CheckpointError, match="checkpoint schema_version 7, this rtdp reads 1; re-train or convert"):
+    with pytest.raises(CheckpointError, match="checkpoint schema_version 7, this rtdp reads 1, 2; re-train or convert"):
         DiffusionUnetPolicy.from_pretrained(ckpt)
 
     # Config and weights disagree: a clear CheckpointError, not a torch RuntimeError.
@@ -296,4 +297,26 @@ def test_observation_errors():
         policy.predict_action_chunk(obs, steps=0)
     with pytest.raises(ConfigError, match="noise must have shape"):
         policy.predict_action_chunk(obs, steps=2, noise=torch.zeros(1, 4, 2))
-    policy.reset()  # present, and a no-op
+
+
+def test_reset_keeps_nothing_between_chunks():
+    """The U-Net policy holds no per-episode state: after reset it answers exactly as before and as a copy
+    that never ran."""
+    import copy
+
+    policy = lowdim_policy().eval()
+    never_ran = copy.deepcopy(policy)
+    obs = lowdim_obs(seed=3)
+
+    def seeded() -> torch.Generator:  # DDPM draws noise at every step, all of it from this generator
+        return torch.Generator().manual_seed(1)
+
+    with torch.no_grad():
+        before = policy.predict_action_chunk(obs, sampler="ddpm", steps=3, generator=seeded())
+        policy.predict_action_chunk(lowdim_obs(seed=4), steps=3)  # an unrelated call in between
+        weights = {k: v.clone() for k, v in policy.state_dict().items()}
+        policy.reset()
+        after = policy.predict_action_chunk(obs, sampler="ddpm", steps=3, generator=seeded())
+        fresh = never_ran.predict_action_chunk(obs, sampler="ddpm", steps=3, generator=seeded())
+    assert torch.equal(after, before) and torch.equal(after, fresh)
+    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in weights.items())

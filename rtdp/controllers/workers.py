@@ -22,6 +22,7 @@ worker process can build it itself; nothing is pickled but plain values.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import os
 import threading
@@ -44,7 +45,8 @@ class PolicySpec:
     Attributes:
         checkpoint: a checkpoint folder; None for a fresh network (timing only).
         size: U-Net size of a fresh network (``small`` .. ``dp_lowdim``).
-        family: policy family of a fresh network: ``unet`` (DDPM), ``edm`` or ``consistency``.
+        policy: policy family of a fresh network (``rtdp.policies.registry``: ``unet``, ``edm``, ``consistency``).
+        modules: modules the worker process imports first (where a family or task registered outside rtdp lives).
         obs_shapes: observation key -> shape of one step, for a fresh network.
         action_low, action_high: action range of a fresh network (its normaliser).
         sampler, steps, precision, deepcache: the ``Runner`` setting.
@@ -56,7 +58,8 @@ class PolicySpec:
 
     checkpoint: str | None = None
     size: str | None = None
-    family: str = "unet"
+    policy: str = "unet"
+    modules: tuple[str, ...] = ()
     obs_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     action_low: tuple[float, ...] = ()
     action_high: tuple[float, ...] = ()
@@ -72,30 +75,12 @@ class PolicySpec:
 
 def fresh_policy(spec: PolicySpec):
     """A randomly initialised policy of ``spec.size`` for the given shapes (timing runs)."""
-    import torch
+    from rtdp.policies.registry import fresh_policy as fresh
 
-    from rtdp.policies import SIZES
-    from rtdp.policies.consistency import ConsistencyUnetConfig, ConsistencyUnetPolicy
-    from rtdp.policies.diffusion_unet import DiffusionUnetConfig, DiffusionUnetPolicy
-    from rtdp.policies.edm_unet import EdmUnetConfig, EdmUnetPolicy
-
-    families = {"unet": (DiffusionUnetPolicy, DiffusionUnetConfig), "edm": (EdmUnetPolicy, EdmUnetConfig),
-                "consistency": (ConsistencyUnetPolicy, ConsistencyUnetConfig)}
-    if spec.size not in SIZES:
-        raise ConfigError(f"size must be one of {sorted(SIZES)}, got {spec.size!r}")
-    if spec.family not in families:
-        raise ConfigError(f"family must be one of {sorted(families)}, got {spec.family!r}")
-    if not spec.obs_shapes or not spec.action_low:
-        raise ConfigError("a fresh policy needs obs_shapes and the action range")
-    cls, cfg_cls = families[spec.family]
-    torch.manual_seed(spec.seed)
-    policy = cls(cfg_cls(lowdim_shapes={k: tuple(v) for k, v in spec.obs_shapes.items()},
-                         action_dim=len(spec.action_low), down_dims=spec.size)).eval()
-    stats = {k: {"min": -np.ones(int(np.prod(v))), "max": np.ones(int(np.prod(v)))} for k, v in spec.obs_shapes.items()}
-    stats["action"] = {"min": np.asarray(spec.action_low, dtype=np.float64),
-                       "max": np.asarray(spec.action_high, dtype=np.float64)}
-    policy.set_normalizer(stats)
-    return policy
+    if spec.size is None:
+        raise ConfigError("a fresh policy needs size= (small | medium | dp_lowdim | dp_image)")
+    return fresh(spec.policy, spec.size, lowdim_shapes=spec.obs_shapes, action_low=spec.action_low,
+                 action_high=spec.action_high, seed=spec.seed)
 
 
 def build_runner(spec: PolicySpec):
@@ -162,6 +147,8 @@ def _worker_main(spec_dict: dict[str, Any], conn) -> None:
         if spec_dict.get("nice"):
             os.nice(int(spec_dict["nice"]))
         torch.set_num_threads(int(spec_dict["threads"]))
+        for module in spec_dict.get("modules") or ():
+            importlib.import_module(module)  # registers a family or task defined outside rtdp
         spec = PolicySpec(**{**spec_dict, "obs_shapes": {k: tuple(v) for k, v in spec_dict["obs_shapes"].items()}})
         runner = build_runner(spec)
         conn.send(("ready", runner.n_action_steps, runner.plan_length))

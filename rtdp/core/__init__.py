@@ -1,5 +1,6 @@
 """The acceleration core: schedules, denoiser wrappers and samplers (torch only)."""
 
+from rtdp.core.accelerate import accelerate
 from rtdp.core.denoiser import PREDICTION_TYPES, DiscreteEpsDenoiser
 from rtdp.core.fastnet import PRECISIONS, bf16_supported, fast_network, weight_bytes
 from rtdp.core.samplers import (
@@ -8,6 +9,7 @@ from rtdp.core.samplers import (
     Denoiser,
     get_sampler,
     get_sigmas,
+    sample_consistency,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
@@ -40,6 +42,7 @@ from rtdp.core.schedules import (
 )
 
 __all__ = [
+    "accelerate",
     "PRECISIONS",
     "bf16_supported",
     "fast_network",
@@ -58,6 +61,7 @@ __all__ = [
     "linspace_timesteps",
     "make_alphas_cumprod",
     "make_betas",
+    "sample_consistency",
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",

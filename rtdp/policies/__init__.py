@@ -1,24 +1,29 @@
-"""Policies: diffusion agents mapping observation dicts to action chunks."""
+"""Policies: diffusion agents mapping observation dicts to action chunks.
+
+Each family is one module (its config, model class and sampling) and one
+line in ``rtdp.policies.registry``; checkpoints name their model type and
+``load_policy`` picks the class.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from rtdp.data.normalizer import LimitsNormalizer
 from rtdp.errors import CheckpointError
+from rtdp.models.base import MODEL_TYPES, load_model, read_meta, register_model_type
+from rtdp.policies.base import DiffusionPolicy, PolicyConfig
 from rtdp.policies.consistency import ConsistencyUnetConfig, ConsistencyUnetPolicy
-from rtdp.policies.diffusion_unet import SIZES, DiffusionUnetConfig, DiffusionUnetPolicy, LimitsNormalizer
+from rtdp.policies.diffusion_unet import SIZES, DiffusionUnetConfig, DiffusionUnetPolicy
 from rtdp.policies.edm_unet import EdmUnetConfig, EdmUnetPolicy
+from rtdp.policies.registry import FAMILIES, PolicyFamily, get_family, register_family
 from rtdp.policies.transformer import TransformerDiffusionConfig, TransformerDiffusionPolicy
 from rtdp.policies.unet1d import ConditionalUnet1D
 
-# Open registry: checkpoint "policy_type" -> class with from_pretrained.
-POLICY_TYPES: dict[str, type] = {
-    DiffusionUnetPolicy.policy_type: DiffusionUnetPolicy,
-    EdmUnetPolicy.policy_type: EdmUnetPolicy,
-    ConsistencyUnetPolicy.policy_type: ConsistencyUnetPolicy,
-    TransformerDiffusionPolicy.policy_type: TransformerDiffusionPolicy,
-}
+# Checkpoint model type -> class (the model registry of rtdp.models, which every family fills).
+POLICY_TYPES = MODEL_TYPES
+for _cls in (DiffusionUnetPolicy, EdmUnetPolicy, ConsistencyUnetPolicy, TransformerDiffusionPolicy):
+    register_model_type(_cls)
 
 
 def read_config(directory: str | Path) -> dict:
@@ -27,48 +32,43 @@ def read_config(directory: str | Path) -> dict:
     Raises:
         CheckpointError: missing folder or unreadable config.
     """
-    cfg_path = Path(directory) / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{str(directory)!r} is not an rtdp checkpoint folder (no config.json)")
     try:
-        data = json.loads(cfg_path.read_text())
-        return dict(data["config"])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"cannot read the policy config in {cfg_path}: {exc}") from exc
+        return dict(read_meta(directory)["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the policy config in {Path(directory) / 'config.json'}: {exc}") from exc
 
 
-def load_policy(directory: str | Path, *, device=None):
+def load_policy(directory: str | Path, *, device=None) -> DiffusionPolicy:
     """Load any rtdp policy checkpoint, picking the class from its ``config.json``.
 
     Raises:
-        CheckpointError: missing folder/config, or an unknown policy type.
+        CheckpointError: missing folder/config, an unknown model type, or a checkpoint that is no policy.
     """
-    path = Path(directory)
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{str(path)!r} is not an rtdp checkpoint folder (no config.json)")
-    try:
-        policy_type = json.loads(cfg_path.read_text()).get("policy_type", DiffusionUnetPolicy.policy_type)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise CheckpointError(f"cannot read {cfg_path}: {exc}") from exc
-    if policy_type not in POLICY_TYPES:
-        raise CheckpointError(f"{cfg_path} has policy_type {policy_type!r}; known: {', '.join(sorted(POLICY_TYPES))}")
-    return POLICY_TYPES[policy_type].from_pretrained(path, device=device)
+    model = load_model(directory, device=device)
+    if not isinstance(model, DiffusionPolicy):
+        raise CheckpointError(f"{directory} holds a {model.model_type!r} model, not an action policy")
+    return model
 
 
 __all__ = [
+    "FAMILIES",
     "POLICY_TYPES",
     "SIZES",
     "ConditionalUnet1D",
     "ConsistencyUnetConfig",
     "ConsistencyUnetPolicy",
+    "DiffusionPolicy",
     "DiffusionUnetConfig",
     "DiffusionUnetPolicy",
     "EdmUnetConfig",
     "EdmUnetPolicy",
     "LimitsNormalizer",
+    "PolicyConfig",
+    "PolicyFamily",
     "TransformerDiffusionConfig",
     "TransformerDiffusionPolicy",
+    "get_family",
     "load_policy",
     "read_config",
+    "register_family",
 ]

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rtdp.core import get_sampler
+from rtdp.core import get_sampler, sample_consistency
 from rtdp.core.edm import EDMDenoiser
 from rtdp.core.schedules import sigmas_karras
 from rtdp.errors import ConfigError
@@ -112,7 +112,7 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
         config: a validated ``ConsistencyUnetConfig``.
     """
 
-    policy_type = POLICY_TYPE
+    model_type = POLICY_TYPE
     config_class = ConsistencyUnetConfig
     config: ConsistencyUnetConfig
 
@@ -247,54 +247,24 @@ class ConsistencyUnetPolicy(EdmUnetPolicy):
                 mask[cols] = 1.0
         return self._randn(tuple(shape), generator, dtype) * cfg.cd_obs_noise * mask.repeat(cfg.n_obs_steps)
 
-    @torch.no_grad()
-    def predict_action_chunk(
-        self,
-        obs: Mapping[str, Any],
-        *,
-        sampler: str | None = None,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-        guidance_scale: float | None = None,
-        guidance_skip_cos: float | None = None,
-        inpaint: tuple[Any, Any] | None = None,
-        n_actions: int | None = None,
-    ) -> torch.Tensor:
-        """Act in ``steps`` consistency evaluations (default 1).
+    def sample_trajectory(self, cond: torch.Tensor, uncond: torch.Tensor | None, *, sampler: str | None,
+                          steps: int, generator: torch.Generator | None, noise: torch.Tensor | None,
+                          inpaint: tuple[Any, Any] | None, guidance_scale: float | None = None,
+                          guidance_skip_cos: float | None = None) -> torch.Tensor:
+        """Act in ``steps`` consistency evaluations (``rtdp.core.sample_consistency``); ``sampler`` is ignored.
 
-        Args:
-            obs: ``{key: (B, To, *shape)}`` in env units.
-            sampler: ignored (kept for a uniform signature).
-            steps: 1..8; levels between are a Karras schedule from sigma_max.
-            generator: source of the initial and re-noising noise.
-            noise: standard-normal initial noise (B, T, Da).
-            inpaint: ``(actions, weights)`` committed actions to agree with (real-time chunking).
-            n_actions: actions returned (default ``n_action_steps``; up to the
-                rest of the horizon, which an asynchronous controller keeps in reserve).
-
-        Returns:
-            actions (B, Ta, Da) in env units.
+        The levels are a Karras schedule from sigma_max; the answer is clipped to [-1, 1] with ``clip_sample``.
         """
         cfg = self.config
-        self.normalizer.require_set()
-        steps = self._check_steps(cfg.num_inference_steps if steps is None else steps)
-        cond, uncond = self.conditioning(obs)
         den, _ = self.guided_denoiser(cond, uncond, guidance_scale, guidance_skip_cos)
         den = self.inpainted(den, inpaint)
         levels = sigmas_karras(steps, max(cfg.sigma_min, cfg.cd_sigma_min), cfg.sigma_max, cfg.rho)[:-1]
         levels = levels.to(self.device, cond.dtype)
-        b = cond.shape[0]
         base = self._denoiser()
         base.reset_nfe()
-        x = self.initial_noise(b, generator, noise) * levels[0]
-        x0 = den(x, levels[0].expand(b), cond)
-        for sigma in levels[1:]:
-            z = self._randn(x0.shape, generator, x0.dtype)
-            x = x0 + (sigma**2 - cfg.cd_sigma_min**2).clamp_min(0).sqrt() * z
-            x0 = den(x, sigma.expand(b), cond)
+        x = self.initial_noise(cond.shape[0], generator, noise) * levels[0]
+        x0 = sample_consistency(den, x, levels, cond=cond, generator=generator, sigma_min=cfg.cd_sigma_min)
         x0 = x0.clamp(-1, 1) if cfg.clip_sample else x0
         self.last_nfe = base.nfe
         self.last_sample_nfe = float(base.nfe)
-        start = cfg.n_obs_steps - 1
-        return self.normalizer.unnormalize("action", x0[:, start : start + self.chunk_length(n_actions)])
+        return x0

@@ -23,20 +23,23 @@ Two options ride on the same network:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from rtdp.core import get_sampler
 from rtdp.core.edm import EDMDenoiser, sample_log_normal_sigma
 from rtdp.core.guidance import GuidedDenoiser
 from rtdp.core.schedules import sigmas_karras
 from rtdp.errors import ConfigError
-from rtdp.policies.diffusion_unet import DiffusionUnetConfig, DiffusionUnetPolicy, _int_tuple
+from rtdp.models.base import int_tuple, positive_float, positive_int, probability
+from rtdp.policies.base import DiffusionPolicy, PolicyConfig
+from rtdp.policies.diffusion_unet import UnetFields, build_unet
 
 POLICY_TYPE = "edm_unet"
 # c_noise = ln(sigma) / 4 spans about [-1.6, 1.1]; scaled, it covers the range
@@ -45,10 +48,12 @@ NOISE_EMBED_SCALE = 100.0
 
 
 @dataclass(kw_only=True)
-class EdmUnetConfig(DiffusionUnetConfig):
-    """``DiffusionUnetConfig`` plus EDM, guidance and streaming settings.
+class EdmUnetConfig(UnetFields, PolicyConfig):
+    """``PolicyConfig`` + ``UnetFields`` plus EDM, guidance and streaming settings.
 
     Attributes:
+        num_train_timesteps: caps the sampler steps (the network itself is continuous in sigma).
+        clip_sample: clip the denoised trajectory to [-1, 1] while sampling.
         sigma_data: data standard deviation of normalised actions (BESO: 0.5).
         sigma_min: smallest noise level of sampling schedules.
         sigma_max: largest noise level; sampling starts from N(0, sigma_max^2).
@@ -71,8 +76,12 @@ class EdmUnetConfig(DiffusionUnetConfig):
             trained for (network evaluations per observation while streaming).
     """
 
+    # written by older versions, which derived this config from the DDPM one; unused by EDM
+    legacy_fields: ClassVar[tuple[str, ...]] = ("beta_schedule", "prediction_type")
+
     sampler: str = "euler"
     num_inference_steps: int = 3
+    num_train_timesteps: int = 100
     clip_sample: bool = True
     sigma_data: float = 0.5
     sigma_min: float = 0.05
@@ -90,11 +99,13 @@ class EdmUnetConfig(DiffusionUnetConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.num_train_timesteps = positive_int(self.num_train_timesteps, "num_train_timesteps")
+        self.clip_sample = bool(self.clip_sample)
+        if self.num_inference_steps > self.num_train_timesteps:
+            raise ConfigError(f"num_inference_steps must be <= num_train_timesteps={self.num_train_timesteps}, "
+                              f"got {self.num_inference_steps}")
         for name in ("sigma_data", "sigma_min", "sigma_max", "rho", "p_std"):
-            value = float(getattr(self, name))
-            if not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")
-            setattr(self, name, value)
+            setattr(self, name, positive_float(getattr(self, name), name))
         self.p_mean = float(self.p_mean)
         if self.sigma_min > self.sigma_max:
             raise ConfigError(f"sigma_min ({self.sigma_min}) must be <= sigma_max ({self.sigma_max})")
@@ -103,15 +114,12 @@ class EdmUnetConfig(DiffusionUnetConfig):
         if missing:
             raise ConfigError(f"goal_keys {missing} must be low-dim observation keys; have {sorted(self.lowdim_shapes)}")
         for name in ("goal_dropout", "ladder_prob"):
-            value = float(getattr(self, name))
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
-            setattr(self, name, value)
+            setattr(self, name, probability(getattr(self, name), name))
         self.guidance_scale = float(self.guidance_scale)
         if self.guidance_skip_cos is not None:
             self.guidance_skip_cos = float(self.guidance_skip_cos)
         self.stream_action_steps = int(self.stream_action_steps)
-        self.stream_steps_per_obs = _int_tuple(self.stream_steps_per_obs, "stream_steps_per_obs")
+        self.stream_steps_per_obs = int_tuple(self.stream_steps_per_obs, "stream_steps_per_obs")
         if not self.stream_steps_per_obs:
             raise ConfigError("stream_steps_per_obs must list at least one value, e.g. [1, 2]")
         span = self.horizon - (self.n_obs_steps - 1)
@@ -157,18 +165,30 @@ def ladder_levels(config: EdmUnetConfig, steps_per_obs: int, sigma_min: float | 
     return sigmas_karras(n, lo, hi, config.rho).flip(0)
 
 
-class EdmUnetPolicy(DiffusionUnetPolicy):
+class EdmUnetPolicy(DiffusionPolicy):
     """BESO / EDM score policy: obs (B, To, ...) -> action chunk (B, Ta, Da) in few steps.
 
     Args:
         config: a validated ``EdmUnetConfig``.
     """
 
-    policy_type = POLICY_TYPE
+    model_type = POLICY_TYPE
     config_class = EdmUnetConfig
     config: EdmUnetConfig
 
     # -------------------------------------------------------------- internals
+
+    def _build_network(self, config: EdmUnetConfig) -> nn.Module:
+        return build_unet(config)
+
+    def _check_steps(self, steps: Any) -> int:
+        cfg = self.config
+        valid = not isinstance(steps, bool) and isinstance(steps, (int, np.integer))
+        if not valid or not 1 <= steps <= cfg.num_train_timesteps:
+            raise ConfigError(
+                f"steps must be an int in 1..{cfg.num_train_timesteps} (the policy's num_train_timesteps), got {steps!r}"
+            )
+        return int(steps)
 
     def _net(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: Any) -> torch.Tensor:
         return self.model(x_in, c_noise * NOISE_EMBED_SCALE, cond)
@@ -291,7 +311,7 @@ class EdmUnetPolicy(DiffusionUnetPolicy):
         if not self.config.goal_keys:
             return self._encode(checked, random_crop=False), None
         # The encoders (e.g. ResNets) run once; dropping the goal only touches its columns and the flag.
-        feats = DiffusionUnetPolicy._encode_steps(self, checked, random_crop=False)
+        feats = DiffusionPolicy._encode_steps(self, checked, random_crop=False)
         cond = self._with_goal(feats, None).flatten(1)
         uncond = self._with_goal(feats, feats.new_zeros(feats.shape[0])).flatten(1)
         return cond, uncond
@@ -309,49 +329,23 @@ class EdmUnetPolicy(DiffusionUnetPolicy):
         guided = GuidedDenoiser(den, cond, uncond, scale, skip)
         return guided, guided
 
-    @torch.no_grad()
-    def predict_action_chunk(
-        self,
-        obs: Mapping[str, Any],
-        *,
-        sampler: str | None = None,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-        guidance_scale: float | None = None,
-        guidance_skip_cos: float | None = None,
-        inpaint: tuple[Any, Any] | None = None,
-        n_actions: int | None = None,
-    ) -> torch.Tensor:
-        """Sample an action chunk on a Karras schedule.
+    def sample_trajectory(self, cond: torch.Tensor, uncond: torch.Tensor | None, *, sampler: str | None,
+                          steps: int, generator: torch.Generator | None, noise: torch.Tensor | None,
+                          inpaint: tuple[Any, Any] | None, guidance_scale: float | None = None,
+                          guidance_skip_cos: float | None = None) -> torch.Tensor:
+        """Any core sampler on a Karras schedule (default Euler, 3 steps), with guidance when the policy has a goal.
 
         Args:
-            obs: ``{key: (B, To, *shape)}`` in env units.
-            sampler: a key of ``rtdp.core.SAMPLERS`` (default ``config.sampler``, Euler).
-            steps: noise levels visited (default 3); NFE = steps for first-order samplers.
-            generator: source of the initial (and ancestral) noise.
-            noise: standard-normal initial noise (B, T, Da).
             guidance_scale: classifier-free guidance scale (goal-conditioned policies).
             guidance_skip_cos: adaptive-guidance threshold (None: config default).
-            inpaint: ``(actions, weights)`` committed actions to agree with (real-time chunking).
-            n_actions: actions returned (default ``n_action_steps``; up to the
-                rest of the horizon, which an asynchronous controller keeps in reserve).
-
-        Returns:
-            actions (B, Ta, Da) in env units.
 
         Raises:
             UnknownNameError: unknown sampler.
-            ConfigError: bad steps, noise shape, or guidance on a goal-free policy.
-            ObservationError: bad observations.
+            ConfigError: guidance on a goal-free policy.
         """
-        cfg = self.config
-        self.normalizer.require_set()
-        name = cfg.sampler if sampler is None else sampler
+        name = self.config.sampler if sampler is None else sampler
         sample_fn = get_sampler(name)
-        steps = self._check_steps(cfg.num_inference_steps if steps is None else steps)
         sigmas = self._sigmas(name, steps)
-        cond, uncond = self.conditioning(obs)
         den, guided = self.guided_denoiser(cond, uncond, guidance_scale, guidance_skip_cos)
         den = self.inpainted(den, inpaint)
         x = self.initial_noise(cond.shape[0], generator, noise) * sigmas[0].to(cond.dtype)
@@ -362,6 +356,4 @@ class EdmUnetPolicy(DiffusionUnetPolicy):
         self.last_guidance = guided
         # Evaluations per sample (differs from network calls when guidance skipping stops some samples early).
         self.last_sample_nfe = float(guided.sample_nfe.float().mean()) if guided is not None else float(base.nfe)
-        start = cfg.n_obs_steps - 1
-        return self.normalizer.unnormalize("action", x[:, start : start + self.chunk_length(n_actions)])
-
+        return x

@@ -10,6 +10,8 @@ Evaluation, benchmarking and the control loop name an inference setting by
   evaluations per observation;
 * ``cm``: a consistency policy, ``steps`` chained one-step evaluations.
 
+Which family serves which setting is ``rtdp.policies.registry``'s.
+
 ``Runner`` hides which of these runs, so a rollout calls
 ``runner.predict(obs, rows)`` and ``runner.reset()`` and nothing else.
 """
@@ -26,12 +28,11 @@ from rtdp.core import SAMPLERS
 from rtdp.core.cache import CachedNetwork
 from rtdp.errors import ConfigError, UnknownNameError
 
-POLICY_SAMPLERS = ("edm", "stream", "cm")
-
-
 def known_samplers() -> list[str]:
-    """Core samplers plus the policy-level configurations."""
-    return sorted(SAMPLERS) + list(POLICY_SAMPLERS)
+    """Core samplers plus the named settings of every registered family (``edm``, ``stream``, ``cm``, ...)."""
+    from rtdp.policies.registry import FAMILIES
+
+    return sorted(SAMPLERS) + sorted({k for f in FAMILIES.values() for k in f.settings})
 
 
 def calls_per_chunk(sampler: str, steps: int) -> int:
@@ -50,10 +51,12 @@ def parse_cache(cache: str) -> tuple[str, int]:
 
 def _block_cache_schedule(policy, sampler: str, steps: int, cache: str, calibration, deepcache) -> dict:
     """The ``{block: update calls}`` schedule a ``cache=`` option asks for, checked against the setting."""
+    from rtdp.policies.registry import family_of
+
     mode, budget = parse_cache(cache)
     if deepcache is not None:
         raise ConfigError("block-wise caching and DeepCache both cache the network: give one of cache / deepcache")
-    if sampler in ("stream", "cm"):
+    if sampler in family_of(policy).settings and family_of(policy).settings[sampler] is None:
         raise ConfigError(f"block-wise caching reuses features between the steps of one chunk; sampler {sampler!r} "
                           f"makes 1-3 calls per observation, so there is nothing to reuse")
     blocks_of = getattr(policy.model, "cache_blocks", None)
@@ -85,7 +88,7 @@ class Runner:
 
     Args:
         policy: any rtdp policy.
-        sampler: a core sampler name or one of ``POLICY_SAMPLERS``; None: the policy's default.
+        sampler: a core sampler name or a family's named setting (``known_samplers()``); None: the policy's default.
         steps: sampler steps, evaluations per observation (stream), or chained steps (cm).
         seed: seed of the sampling noise.
         precision: None for the plain network, or a packed inference form of the
@@ -112,31 +115,27 @@ class Runner:
                  precision: str | None = None, deepcache: int | None = None, cache: str | None = None,
                  calibration: Any = None, compile: bool = False, cuda_graph: bool = False,
                  **options: Any) -> None:
-        from rtdp.policies.consistency import ConsistencyUnetPolicy
-        from rtdp.policies.edm_unet import EdmUnetPolicy
+        from rtdp.policies.registry import FAMILIES, family_of
         from rtdp.policies.streaming import StreamingPolicy
 
         self.policy = policy
         self.options = options
         self.generator = torch.Generator().manual_seed(int(seed))
-        is_edm = isinstance(policy, EdmUnetPolicy)
-        is_cm = isinstance(policy, ConsistencyUnetPolicy)
-        if sampler is None:
-            name = "cm" if is_cm else ("edm" if is_edm and policy.config.sampler == "euler" else policy.config.sampler)
-        else:
-            name = str(sampler)
-        if name not in SAMPLERS and name not in POLICY_SAMPLERS:
+        family = self.family = family_of(policy)
+        name = family.default_sampler(policy) if sampler is None else str(sampler)
+        if name not in known_samplers():
             raise UnknownNameError("sampler", name, known_samplers())
-        if name == "cm" and not is_cm:
-            raise ConfigError(f"sampler 'cm' needs a consistency checkpoint (policy=consistency), got {type(policy).__name__}")
-        if name in ("edm", "stream") and (not is_edm or is_cm):
-            raise ConfigError(f"sampler {name!r} needs an EDM checkpoint (policy=edm), got {type(policy).__name__}")
-        if is_cm and name != "cm":
-            raise ConfigError(f"a consistency checkpoint samples with sampler=cm (1-3 steps), got {name!r}")
+        if not family.serves(name):
+            if name in SAMPLERS:
+                raise ConfigError(f"a policy={family.name} checkpoint samples with "
+                                  f"sampler={' | '.join(family.settings)}, got {name!r}")
+            owners = [f"policy={f.name}" for f in FAMILIES.values() if name in f.settings]
+            raise ConfigError(f"sampler {name!r} needs a {' or '.join(owners)} checkpoint, got policy={family.name} "
+                              f"({type(policy).__name__})")
         unknown = sorted(set(options) - {"guidance_scale", "guidance_skip_cos"})
         if unknown:
             raise ConfigError(f"unknown inference options {unknown}; known: guidance_scale, guidance_skip_cos")
-        if options and not (is_edm and policy.config.goal_keys):
+        if options and not getattr(policy.config, "goal_keys", ()):
             raise ConfigError(
                 f"{', '.join(sorted(options))} need a goal-conditioned EDM checkpoint (policy.goal_keys set); "
                 f"this {type(policy).__name__} has no goal"
@@ -167,8 +166,9 @@ class Runner:
         elif deepcache is not None and self.steps < 2:
             raise ConfigError(f"DeepCache needs >= 2 network calls per chunk to reuse anything; "
                               f"{name}-{self.steps} makes {self.steps}")
-        # "edm" is Euler on the EDM policy's Karras schedule.
-        self.core_sampler = "euler" if name == "edm" else (None if name in ("stream", "cm") else name)
+        # a named setting runs the core sampler it maps to ("edm": Euler on the EDM policy's Karras schedule),
+        # or the family's own sampling (None)
+        self.core_sampler = family.settings[name] if name in family.settings else name
 
     @property
     def n_action_steps(self) -> int:
@@ -226,9 +226,6 @@ class Runner:
                 raise ConfigError("the streaming sampler returns its rung of actions per observation; "
                                   "n_actions cannot change it")
             return self.stream.predict_action_chunk(obs, generator=self.generator, rows=rows, **self.options)
-        if self.name == "cm":
-            return self.policy.predict_action_chunk(obs, steps=self.steps, generator=self.generator, noise=noise,
-                                                    inpaint=inpaint, n_actions=n_actions)
         return self.policy.predict_action_chunk(obs, sampler=self.core_sampler, steps=self.steps,
                                                 generator=self.generator, noise=noise, inpaint=inpaint,
                                                 n_actions=n_actions, **self.options)

@@ -209,7 +209,7 @@ class StreamingPolicy:
             )
         self.policy = policy
         self.config = policy.config
-        self.ladder = make_ladder(policy.config, steps_per_obs, policy.device, policy.alphas_cumprod.dtype)
+        self.ladder = make_ladder(policy.config, steps_per_obs, policy.device, policy.dtype)
         self.state: StreamState | None = None
         self.last_nfe = 0
 

@@ -15,13 +15,14 @@ per-block caching can read each sub-block's output.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rtdp.errors import ConfigError
-from rtdp.policies.diffusion_unet import DiffusionUnetConfig, DiffusionUnetPolicy
+from rtdp.policies.ddpm import DdpmConfig, DdpmPolicy
 from rtdp.policies.unet1d import SinusoidalPosEmb
 
 POLICY_TYPE = "diffusion_transformer"
@@ -189,8 +190,8 @@ class TransformerForDiffusion(nn.Module):
 
 
 @dataclass(kw_only=True)
-class TransformerDiffusionConfig(DiffusionUnetConfig):
-    """``DiffusionUnetConfig`` with the transformer's width and depth (the U-Net fields go unused).
+class TransformerDiffusionConfig(DdpmConfig):
+    """``DdpmConfig`` with the transformer's width and depth.
 
     Attributes:
         n_layer: decoder blocks (Diffusion Policy: 8).
@@ -200,6 +201,9 @@ class TransformerDiffusionConfig(DiffusionUnetConfig):
         p_drop_attn: block dropout (0.3 for images in Diffusion Policy, 0.01 for low-dim).
         causal_attn: causal action decoding (True).
     """
+
+    # written by older versions, which derived this config from the U-Net one; unused by the transformer
+    legacy_fields: ClassVar[tuple[str, ...]] = ("down_dims", "kernel_size", "n_groups", "diffusion_step_embed_dim")
 
     n_layer: int = 8
     n_head: int = 4
@@ -223,15 +227,14 @@ class TransformerDiffusionConfig(DiffusionUnetConfig):
         self.causal_attn = bool(self.causal_attn)
 
 
-class TransformerDiffusionPolicy(DiffusionUnetPolicy):
-    """Diffusion Policy (transformer): the DDPM policy with ``TransformerForDiffusion`` as its network.
+class TransformerDiffusionPolicy(DdpmPolicy):
+    """Diffusion Policy (transformer): the DDPM family with ``TransformerForDiffusion`` as its network."""
 
-    Everything but the network (observation encoding, normaliser, samplers,
-    checkpoints) is the U-Net policy's.
-    """
-
-    policy_type = POLICY_TYPE
+    model_type = POLICY_TYPE
     config_class = TransformerDiffusionConfig
+
+    def size_label(self) -> str:
+        return f"{self.config.n_layer}x{self.config.n_emb} transformer"
 
     def _build_network(self, config: TransformerDiffusionConfig) -> nn.Module:
         return TransformerForDiffusion(

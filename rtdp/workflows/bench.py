@@ -34,15 +34,9 @@ from typing import Any
 import numpy as np
 
 from rtdp.envs import TaskSpec, get_task
-from rtdp.errors import ConfigError
+from rtdp.errors import ConfigError, UnknownNameError
 from rtdp.workflows.metrics import paired_comparison, wilson_interval
 
-DEFAULT_CONFIGS = {
-    "diffusion_unet": ["ddpm-100", "ddim-10", "dpmpp-8", "dpmpp-5"],
-    "edm_unet": ["edm-3", "stream-1", "stream-2"],
-    "consistency_unet": ["cm-1", "cm-2"],
-    "diffusion_transformer": ["ddpm-100", "ddpm-100+bac10", "ddpm-100+uniform10", "ddim-10"],
-}
 _NAME = re.compile(r"^(?P<sampler>[a-z_]+)-(?P<steps>\d+)(?P<opts>(\+[a-z0-9.]+)*)$")
 DEFAULT_CACHE_BUDGET = 10  # +bac / +uniform without a number: update steps per block and chunk
 # Packed inference forms of the network (rtdp.core.fastnet), by option name.
@@ -150,65 +144,53 @@ def _device_name() -> str:
 
 
 def _fresh_policies(task: TaskSpec, size: str) -> list:
-    """DDPM, EDM and consistency policies of one U-Net size, randomly initialised, for timing."""
-    import torch
+    """One fresh policy of every family with U-Net sizes, randomly initialised, for timing.
 
+    They share the same weights (the network is the same U-Net): their timings differ only by the sampler.
+    """
     from rtdp.envs import make
-    from rtdp.policies import SIZES
-    from rtdp.policies.consistency import ConsistencyUnetConfig, ConsistencyUnetPolicy
-    from rtdp.policies.diffusion_unet import DiffusionUnetConfig, DiffusionUnetPolicy
-    from rtdp.policies.edm_unet import EdmUnetConfig, EdmUnetPolicy
+    from rtdp.policies.registry import FAMILIES, fresh_policy
 
-    if size not in SIZES:
-        raise ConfigError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     env = make(task)
     try:
         obs, _ = env.reset(seed=int(task.eval_seeds[0]))
+        low, high = env.action_space.low, env.action_space.high
     finally:
         env.close()
-    common = dict(
-        lowdim_shapes={k: tuple(np.shape(obs[k])) for k in task.lowdim_keys},
-        image_shapes={k: tuple(np.shape(obs[k])) for k in task.image_keys},
-        action_dim=task.action_dim,
-        down_dims=size,
-    )
-    stats = {k: {"min": -np.ones(int(np.prod(v))), "max": np.ones(int(np.prod(v)))}
-             for k, v in common["lowdim_shapes"].items()}
-    stats["action"] = {"min": -np.ones(task.action_dim), "max": np.ones(task.action_dim)}
     policies = []
-    torch.manual_seed(0)
-    for cls, cfg_cls in ((DiffusionUnetPolicy, DiffusionUnetConfig), (EdmUnetPolicy, EdmUnetConfig),
-                         (ConsistencyUnetPolicy, ConsistencyUnetConfig)):
-        policy = cls(cfg_cls(**common)).eval()
-        policy.set_normalizer(stats)
-        if policies:  # same weights for every family: their timings differ only by the sampler
+    for name in [n for n, f in FAMILIES.items() if f.unet_sizes]:
+        policy = fresh_policy(name, size, lowdim_shapes={k: np.shape(obs[k]) for k in task.lowdim_keys},
+                              image_shapes={k: np.shape(obs[k]) for k in task.image_keys},
+                              action_low=-np.ones(task.action_dim), action_high=np.ones(task.action_dim))
+        if policies:
             policy.load_state_dict(policies[0].state_dict())
         policies.append(policy)
     return policies
 
 
 def _serving_policy(cfg: BenchConfig, policies: list):
-    from rtdp.policies.consistency import ConsistencyUnetPolicy
-    from rtdp.policies.diffusion_unet import DiffusionUnetPolicy
-    from rtdp.policies.edm_unet import EdmUnetPolicy
-    from rtdp.policies.transformer import TransformerDiffusionPolicy
+    """The policy a configuration runs on: one whose family serves its sampler (a named setting first; for a
+    core sampler, a family built on the core samplers alone before one with settings of its own)."""
+    from rtdp.policies.registry import family_of
+    from rtdp.policies.runner import known_samplers
 
-    by_type = {}
-    for p in policies:
-        by_type.setdefault(type(p), p)
-    if cfg.sampler == "cm":
-        wanted = [ConsistencyUnetPolicy]
-    elif cfg.sampler in ("edm", "stream"):
-        wanted = [EdmUnetPolicy]
-    elif "cache" in cfg.options:
-        wanted = [TransformerDiffusionPolicy]
-    else:
-        wanted = [DiffusionUnetPolicy, TransformerDiffusionPolicy, EdmUnetPolicy]
-    for cls in wanted:
-        if cls in by_type:
-            return by_type[cls]
-    have = ", ".join(sorted(p.policy_type for p in by_type.values()))
-    raise ConfigError(f"configuration {cfg.name!r} needs a {wanted[0].policy_type} checkpoint; given: {have}")
+    if cfg.sampler not in known_samplers():
+        raise UnknownNameError("sampler", cfg.sampler, known_samplers())
+    fams = [(p, family_of(p)) for p in policies]
+    if "cache" in cfg.options:  # block-wise caching needs a network with blocks
+        fams = [(p, f) for p, f in fams if hasattr(p.model, "cache_blocks")]
+    ranked = sorted((not bool(f.settings), i) for i, (p, f) in enumerate(fams)
+                    if cfg.sampler in f.settings)
+    ranked += sorted((bool(f.settings), i) for i, (p, f) in enumerate(fams)
+                     if cfg.sampler not in f.settings and f.serves(cfg.sampler))
+    if ranked:
+        return fams[ranked[0][1]][0]
+    from rtdp.policies.registry import FAMILIES
+
+    wanted = [f"policy={f.name}" for f in FAMILIES.values() if f.serves(cfg.sampler)]
+    have = ", ".join(sorted({f"policy={family_of(p).name}" for p in policies}))
+    raise ConfigError(f"configuration {cfg.name!r} needs a {' or '.join(wanted) or 'known'} checkpoint"
+                      f"{' with transformer blocks' if 'cache' in cfg.options else ''}; given: {have}")
 
 
 def _bench_obs(task: TaskSpec, policy, n: int) -> list[dict[str, np.ndarray]]:
@@ -381,9 +363,11 @@ def bench(
         task = get_task(task_name or metas[0].get("task") or "pusht")
     if configs is None:
         names: list[str] = []
+        from rtdp.policies.registry import family_of
+
         for p in policies:
-            names += [n for n in DEFAULT_CONFIGS[p.policy_type] if n not in names]
-        if any(p.policy_type in ("diffusion_unet", "diffusion_transformer") for p in policies) or size is not None:
+            names += [n for n in family_of(p).bench_configs if n not in names]
+        if any(not family_of(p).settings for p in policies) or size is not None:
             names = ["ddpm-100"] + [n for n in names if n != "ddpm-100"]
     else:
         names = list(configs)
@@ -429,12 +413,7 @@ def bench(
     base = next((r for r in rows if r["name"] == "ddpm-100"), None)
     for r in rows:
         r["speedup_per_action_vs_ddpm100"] = (base["ms_per_action"] / r["ms_per_action"]) if base else None
-    def _shape(p) -> str:  # what the network's size is called: U-Net widths, or transformer layers x width
-        if p.policy_type == "diffusion_transformer":
-            return f"{p.config.n_layer}x{p.config.n_emb} transformer"
-        return "/".join(str(d) for d in p.config.down_dims)
-
-    shapes = sorted({_shape(p) for p in policies})
+    shapes = sorted({p.size_label() for p in policies})
     return {
         "device": _device_name(),
         "threads": threads,

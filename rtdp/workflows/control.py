@@ -204,13 +204,33 @@ def _policy_spec(cfg, driver, obs_example: dict[str, np.ndarray] | None, cpus: t
     common = dict(sampler=cfg.sampler, steps=cfg.steps, precision=cfg.precision, seed=int(cfg.seed),
                   threads=min(int(cfg.threads), len(cpus)) if cpus else int(cfg.threads),
                   nice=int(cfg.nice) if cfg.worker == "process" else 0, cpus=cpus)
+    # the modules defining the checkpoint's family and the task, for a worker process to import first
+    common["modules"] = _registering_modules(cfg, driver)
     if cfg.checkpoint:
         return PolicySpec(checkpoint=str(cfg.checkpoint), **common)
     lim = driver.limits
     shapes = {k: tuple(np.shape(v)) for k, v in (obs_example or {}).items() if k in _fresh_obs_keys(cfg, driver)}
-    return PolicySpec(size=str(cfg.size), family=str(cfg.family), obs_shapes=shapes,
+    family = cfg.policy.name if cfg.get("policy") else "unet"
+    return PolicySpec(size=str(cfg.size), policy=str(family), obs_shapes=shapes,
                       action_low=tuple(float(v) for v in lim.low), action_high=tuple(float(v) for v in lim.high),
                       **common)
+
+
+def _registering_modules(cfg, driver) -> tuple[str, ...]:
+    """Modules outside rtdp that registered the policy family or the task in use (a spawned worker imports them)."""
+    from rtdp.models.base import MODEL_TYPES, read_meta
+    from rtdp.policies.registry import FAMILIES
+
+    classes = []
+    if cfg.checkpoint:
+        classes.append(MODEL_TYPES.get(read_meta(cfg.checkpoint)["model_type"]))
+    elif cfg.get("policy"):
+        classes.append(FAMILIES[cfg.policy.name].policy_class)
+    task = getattr(driver, "task", None)
+    mods = [c.__module__ for c in classes if c is not None]
+    if task is not None and getattr(task, "registered_by", None):
+        mods.append(task.registered_by)
+    return tuple(m for m in dict.fromkeys(mods) if not m.startswith("rtdp."))
 
 
 def _fresh_obs_keys(cfg, driver) -> tuple[str, ...]:

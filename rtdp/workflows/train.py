@@ -42,93 +42,19 @@ def ema_decay(step: int, power: float = 0.75, max_decay: float = 0.9999) -> floa
     return float(min(max_decay, max(0.0, 1.0 - (1.0 + step) ** -power)))
 
 
-POLICIES = ("unet", "edm", "consistency", "transformer")
-# Fields of policy/<name>.yaml handed to the policy config unchanged.
-_EDM_FIELDS = ("sigma_data", "sigma_min", "sigma_max", "rho", "p_mean", "p_std", "goal_keys", "goal_dropout",
-               "ladder_prob", "stream_action_steps", "stream_steps_per_obs")
+def build_policy(task: TaskSpec | None, policy_cfg, arrays: dict[str, np.ndarray], stats: dict | None):
+    """A freshly initialised policy of the family ``policy_cfg.name`` (``rtdp.policies.registry``) for the data's
+    shapes; a distilled family (``policy=consistency``) starts from its teacher, which fixes them."""
+    from omegaconf import DictConfig, OmegaConf
 
+    from rtdp.policies.registry import build_policy as build_family_policy
 
-_TRANSFORMER_FIELDS = ("n_layer", "n_head", "n_emb", "p_drop_emb", "p_drop_attn", "causal_attn")
-
-
-def build_policy_config(task: TaskSpec, policy_cfg, arrays: dict[str, np.ndarray]):
-    """Policy config from the task's observation keys and the data's shapes."""
-    from rtdp.policies.diffusion_unet import SIZES, DiffusionUnetConfig
-    from rtdp.policies.edm_unet import EdmUnetConfig
-
-    if policy_cfg.name not in ("unet", "edm", "transformer"):
-        raise ConfigError(f"policy must be one of {list(POLICIES)}, got {policy_cfg.name!r}")
-    if policy_cfg.down_dims is not None:
-        down_dims = tuple(int(d) for d in policy_cfg.down_dims)
-    elif policy_cfg.size in SIZES:
-        down_dims = tuple(SIZES[policy_cfg.size])
-    else:
-        raise ConfigError(f"policy.size must be one of {sorted(SIZES)}, got {policy_cfg.size!r}")
-    common = dict(
-        lowdim_shapes={k: tuple(arrays[k].shape[1:]) for k in task.lowdim_keys},
-        image_shapes={k: tuple(arrays[k].shape[1:]) for k in task.image_keys},
-        action_dim=int(arrays["action"].shape[-1]),
-        n_obs_steps=int(policy_cfg.n_obs_steps),
-        horizon=int(policy_cfg.horizon),
-        n_action_steps=int(policy_cfg.n_action_steps),
-        down_dims=down_dims,
-        num_train_timesteps=int(policy_cfg.num_train_timesteps),
-        sampler=str(policy_cfg.sampler),
-        num_inference_steps=int(policy_cfg.num_inference_steps),
-    )
-    # what the DDPM network predicts (Diffusion Policy's noise_scheduler.prediction_type); EDM has its own preconditioning
-    ddpm = {"prediction_type": str(policy_cfg.prediction_type)} if "prediction_type" in policy_cfg else {}
-    if policy_cfg.name == "unet":
-        return DiffusionUnetConfig(**common, **ddpm)
-    if policy_cfg.name == "transformer":
-        from rtdp.policies.transformer import TransformerDiffusionConfig
-
-        extra = {k: policy_cfg[k] for k in _TRANSFORMER_FIELDS if k in policy_cfg}
-        return TransformerDiffusionConfig(**common, **ddpm, **extra)
-    extra = {k: policy_cfg[k] for k in _EDM_FIELDS if k in policy_cfg}
-    if "goal_keys" in extra:
-        extra["goal_keys"] = tuple(extra["goal_keys"] or ())
-    return EdmUnetConfig(**common, **extra)
-
-
-def build_policy(task: TaskSpec, policy_cfg, arrays: dict[str, np.ndarray], stats: dict):
-    """A freshly initialised policy (or, for ``policy=consistency``, a student initialised from its teacher)."""
-    from rtdp.policies import load_policy
-    from rtdp.policies.consistency import ConsistencyUnetConfig, ConsistencyUnetPolicy
-    from rtdp.policies.diffusion_unet import DiffusionUnetPolicy
-    from rtdp.policies.edm_unet import EdmUnetPolicy
-
-    if policy_cfg.name == "consistency":
-        if not policy_cfg.get("teacher"):
-            raise ConfigError("policy=consistency distils an EDM policy: pass policy.teacher=<edm run>/checkpoint")
-        teacher = load_policy(policy_cfg.teacher)
-        if type(teacher) is not EdmUnetPolicy:
-            raise ConfigError(f"policy.teacher must be an EDM checkpoint (policy=edm), got {type(teacher).__name__}")
-        data = {**teacher.config.to_dict(), "ladder_prob": 0.0, "num_inference_steps": 1,
-                "cd_scales": int(policy_cfg.cd_scales), "cd_sigma_min": float(policy_cfg.cd_sigma_min),
-                "cd_target_ema": float(policy_cfg.cd_target_ema),
-                "cd_anchor_weight": float(policy_cfg.cd_anchor_weight),
-                "cd_obs_noise": float(policy_cfg.get("cd_obs_noise", 0.0))}
-        student = ConsistencyUnetPolicy(ConsistencyUnetConfig.from_dict(data))
-        student.load_state_dict(teacher.state_dict())
-        if policy_cfg.get("init"):
-            # continue from an earlier student (e.g. a DAgger round) instead of the teacher's weights
-            start = load_policy(policy_cfg.init)
-            if not isinstance(start, ConsistencyUnetPolicy):
-                raise ConfigError(f"policy.init must be a consistency checkpoint, got {type(start).__name__}")
-            try:
-                student.load_state_dict(start.state_dict())
-            except RuntimeError as exc:
-                raise ConfigError(f"policy.init={policy_cfg.init} does not match the teacher's network: {exc}") from None
-        student.set_teacher(teacher)
-        return student
-    config = build_policy_config(task, policy_cfg, arrays)
-    from rtdp.policies.transformer import TransformerDiffusionPolicy
-
-    cls = {"edm": EdmUnetPolicy, "transformer": TransformerDiffusionPolicy}.get(policy_cfg.name, DiffusionUnetPolicy)
-    policy = cls(config)
-    policy.set_normalizer(stats)
-    return policy
+    node = OmegaConf.to_container(policy_cfg, resolve=True) if isinstance(policy_cfg, DictConfig) else dict(policy_cfg)
+    return build_family_policy(
+        str(node["name"]), node,
+        lowdim_shapes={k: tuple(arrays[k].shape[1:]) for k in (task.lowdim_keys if task else ())},
+        image_shapes={k: tuple(arrays[k].shape[1:]) for k in (task.image_keys if task else ())},
+        action_dim=int(arrays["action"].shape[-1]) if "action" in arrays else 0, stats=stats)
 
 
 def _save_state(path: Path, model, ema, opt, step: int, np_rng: np.random.Generator, extra: dict) -> None:
@@ -332,7 +258,7 @@ def train(cfg) -> dict[str, Any]:
     )
     anchor = None
     if cfg.get("anchor_obs"):
-        if policy_config.__class__.__name__ != "ConsistencyUnetConfig":
+        if not hasattr(model, "set_teacher"):
             raise ConfigError("anchor_obs feeds the consistency policy's endpoint term (DAgger); "
                               f"policy={cfg.policy.name} has none: train with policy=consistency or drop anchor_obs")
         spec = cfg.anchor_obs
