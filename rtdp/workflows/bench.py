@@ -23,11 +23,6 @@ observation shapes: timing only, no success and no fidelity.
 from __future__ import annotations
 
 import json
-import os
-import platform
-import re
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,113 +30,9 @@ import numpy as np
 
 from rtdp.envs import TaskSpec, get_task
 from rtdp.errors import ConfigError, UnknownNameError
+from rtdp.core.options import BenchConfig, parse_config  # noqa: F401  (the names rtdp bench reads)
+from rtdp.workflows.machine import device_name, memory_bandwidth_gbs, physical_cores
 from rtdp.workflows.metrics import paired_comparison, wilson_interval
-
-_NAME = re.compile(r"^(?P<sampler>[a-z_]+)-(?P<steps>\d+)(?P<opts>(\+[a-z0-9.]+)*)$")
-DEFAULT_CACHE_BUDGET = 10  # +bac / +uniform without a number: update steps per block and chunk
-# Packed inference forms of the network (rtdp.core.fastnet), by option name.
-PRECISION_OPTIONS = {"fast": "fp32", "bf16": "bf16", "int8": "int8", "int8dyn": "int8dyn"}
-
-
-@dataclass
-class BenchConfig:
-    """A parsed configuration name."""
-
-    name: str
-    sampler: str
-    steps: int
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_config(name: str) -> BenchConfig:
-    """Parse ``<sampler>-<steps>[+option...]``.
-
-    Options: ``+g<scale>`` (classifier-free guidance scale), ``+skip<cos>``
-    (guidance skipping threshold), ``+fast`` / ``+bf16`` / ``+int8`` / ``+int8dyn``
-    (the network's packed fp32, bf16, weight-only int8 or dynamic int8 form),
-    ``+deepcache<N>`` (U-Net deep features reused, recomputed every N calls; N = 3 by default),
-    ``+bac<M>`` / ``+uniform<M>`` (transformer blocks cached: BAC's schedule or
-    every block at the same evenly spaced steps, M updates per block and chunk;
-    M = 10 by default), ``+compile`` (the network through ``torch.compile``).
-
-    Raises:
-        ConfigError: a malformed name, steps <= 0 or an unknown option.
-    """
-    m = _NAME.match(str(name))
-    if m is None:
-        raise ConfigError(
-            f"configuration {name!r} must read <sampler>-<steps>[+option...], e.g. ddpm-100, edm-3, stream-1, "
-            "edm-3+g0, edm-3+skip0.95"
-        )
-    steps = int(m["steps"])
-    if steps <= 0:
-        raise ConfigError(f"configuration {name!r}: steps must be >= 1")
-    options: dict[str, Any] = {}
-    for opt in filter(None, m["opts"].split("+")):
-        key = re.match(r"[a-z]*", opt).group(0)
-        value = opt[len(key):]
-        if key == "deepcache":
-            options["deepcache"] = int(value) if value else 3
-        elif key in ("bac", "uniform") and (value.isdigit() or not value):
-            if "cache" in options:
-                raise ConfigError(f"configuration {name!r}: give at most one of +bac<M>, +uniform<M>")
-            options["cache"] = f"{key}{value or DEFAULT_CACHE_BUDGET}"
-        elif opt == "compile":
-            options["compile"] = True
-        elif opt in PRECISION_OPTIONS:
-            if "precision" in options:
-                raise ConfigError(f"configuration {name!r}: give at most one of +{', +'.join(PRECISION_OPTIONS)}")
-            options["precision"] = PRECISION_OPTIONS[opt]
-        elif key == "g" and value:
-            options["guidance_scale"] = float(value)
-        elif key == "skip" and value:
-            options["guidance_skip_cos"] = float(value)
-        else:
-            raise ConfigError(f"configuration {name!r}: unknown option +{opt}; known: +g<scale>, +skip<cos>, +deepcache<N>, "
-                              f"+bac<M>, +uniform<M>, +compile, "
-                              f"+{', +'.join(PRECISION_OPTIONS)}")
-    return BenchConfig(str(name), m["sampler"], steps, options)
-
-
-def physical_cores() -> int:
-    """Physical CPU cores available to this process (logical count when unknown)."""
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-        if n:
-            return min(int(n), len(os.sched_getaffinity(0)))
-    except (ImportError, AttributeError):
-        pass
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def memory_bandwidth_gbs(n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Copy bandwidth measured now (read + write bytes per second, best of ``repeats``), GB/s."""
-    import torch
-
-    src = torch.ones(n_bytes // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n_bytes / best / 1e9
-
-
-def _device_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"cpu: {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return f"cpu: {platform.processor() or platform.machine()}"
-
 
 def _fresh_policies(task: TaskSpec, size: str) -> list:
     """One fresh policy of every family with U-Net sizes, randomly initialised, for timing.
@@ -415,7 +306,7 @@ def bench(
         r["speedup_per_action_vs_ddpm100"] = (base["ms_per_action"] / r["ms_per_action"]) if base else None
     shapes = sorted({p.size_label() for p in policies})
     return {
-        "device": _device_name(),
+        "device": device_name(),
         "threads": threads,
         "policy": sorted({p.policy_type for p in policies}),
         "size": size or (shapes[0] if len(shapes) == 1 else shapes),

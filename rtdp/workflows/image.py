@@ -19,7 +19,6 @@ network is wrapped in ``rtdp.core.DiscreteEpsDenoiser``, sampled with
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
@@ -33,7 +32,9 @@ import torch
 from torch import nn
 
 from rtdp.core import DiscreteEpsDenoiser, make_alphas_cumprod, sample_ddim, sigmas_ddim, vp_noise_to_start
-from rtdp.core.cache import CachedNetwork, deepcache_schedule, unet2d_deepcache_modules
+from rtdp.core.accelerate import accelerate
+from rtdp.core.cache import CachedNetwork, unet2d_deepcache_modules
+from rtdp.core.options import parse_config
 from rtdp.errors import ConfigError, require_package
 
 TRAIN_TIMESTEPS = 1000  # diffusers' DDPMScheduler default (linear betas 1e-4 .. 0.02)
@@ -175,12 +176,11 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _parse(name: str) -> tuple[int, int | None]:
-    import re
-
-    m = re.fullmatch(r"ddim-(\d+)(?:\+deepcache(\d*))?", str(name))
-    if m is None or int(m[1]) < 1:
+    """``ddim-<steps>[+deepcache<N>]`` in the configuration grammar of ``rtdp bench`` (``rtdp.core.options``)."""
+    cfg = parse_config(name)
+    if cfg.sampler != "ddim" or set(cfg.options) - {"deepcache"}:
         raise ConfigError(f"image configuration {name!r} must read ddim-<steps>[+deepcache<N>], e.g. ddim-50+deepcache3")
-    return int(m[1]), (None if m[2] is None else int(m[2] or 3))
+    return cfg.steps, cfg.options.get("deepcache")
 
 
 def bench_image(model_dir: str | Path, configs: list[str], *, calls: int = 5, warmup: int = 1, samples: int = 4,
@@ -189,7 +189,7 @@ def bench_image(model_dir: str | Path, configs: list[str], *, calls: int = 5, wa
     """Latency, speed-up and PSNR of each configuration against the uncached model at the same steps."""
     from tqdm.auto import tqdm
 
-    from rtdp.workflows.bench import physical_cores
+    from rtdp.workflows.machine import physical_cores
 
     threads = physical_cores() if threads is None else int(threads)
     torch.set_num_threads(threads)
@@ -203,8 +203,8 @@ def bench_image(model_dir: str | Path, configs: list[str], *, calls: int = 5, wa
     for name, steps, interval in tqdm(parsed, desc="bench image", disable=not progress, dynamic_ncols=True):
         net = plain
         if interval is not None:
-            names = unet2d_deepcache_modules(plain, branch)
-            net = CachedNetwork(copy.deepcopy(plain), deepcache_schedule(names, steps + 1, interval))
+            net = accelerate(plain, deepcache=interval, deep_modules=unet2d_deepcache_modules(plain, branch),
+                             deepcache_calls=steps + 1)
         times = []
         for i in range(warmup + calls):
             t0 = time.perf_counter()
@@ -225,9 +225,9 @@ def bench_image(model_dir: str | Path, configs: list[str], *, calls: int = 5, wa
     for r in rows:
         base = next((b for b in rows if b["steps"] == r["steps"] and b["deepcache"] is None), None)
         r["speedup_vs_uncached"] = base["latency_ms_p50"] / r["latency_ms_p50"] if base else None
-    from rtdp.workflows.bench import _device_name
+    from rtdp.workflows.machine import device_name
 
-    report = {"device": _device_name(), "threads": threads, "policy": ["unet2d"], "size": f"{size}px "
+    report = {"device": device_name(), "threads": threads, "policy": ["unet2d"], "size": f"{size}px "
               + "/".join(str(c) for c in plain.config.block_out_channels), "model": str(model_dir),
               "sample_size": size, "samples": samples,
               "branch": branch, "calls": calls, "configs": rows}
