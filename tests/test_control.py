@@ -311,21 +311,65 @@ def test_a_chunk_that_arrives_after_all_its_intervals_is_dropped_whole():
     assert sch.dropped == 8 and sch.next_action(2.0) is None
 
 
-def test_realtime_priority_is_restored_and_reported():
+def _fifo_permitted() -> bool:
+    """Whether this process may use SCHED_FIFO, asked of a separate process (so this one is untouched)."""
+    import subprocess
+    import sys
+
+    code = "import os; os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setscheduler"), reason="no sched_setscheduler here")
+def test_realtime_priority_sets_fifo_when_permitted_and_says_why_not_otherwise():
     import os
 
     from rtdp.controllers.loop import realtime_priority
 
-    before = os.sched_getscheduler(0)
+    before = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+    permitted = _fifo_permitted()
     with realtime_priority(10) as rt:
-        assert rt.applied.startswith("SCHED_FIFO") or rt.applied.startswith("normal (")
-        if rt.applied.startswith("SCHED_FIFO"):
-            assert os.sched_getscheduler(0) == os.SCHED_FIFO
-    assert os.sched_getscheduler(0) == before
+        now = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+        if permitted:
+            assert rt.applied == "SCHED_FIFO 10"
+            assert now == (os.SCHED_FIFO, 10)
+        else:
+            assert rt.applied.startswith("normal (SCHED_FIFO not permitted: "), rt.applied
+            assert now == before
+    assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == before  # restored
     with realtime_priority(0) as rt:
         assert rt.applied == "normal"
-    with pytest.raises(ConfigError):
+        assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == before
+    with pytest.raises(ConfigError, match="0..99"):
         realtime_priority(120)
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_realtime_priority_branches_under_a_fake_scheduler(monkeypatch, allowed):
+    """Both outcomes on any machine: the call made, what is reported, what is restored."""
+    import os
+
+    from rtdp.controllers.loop import realtime_priority
+
+    calls = []
+
+    def fake_set(pid, policy, param):
+        if not allowed and policy == 1234:
+            raise PermissionError(1, "Operation not permitted")
+        calls.append((pid, policy, param.sched_priority))
+
+    monkeypatch.setattr(os, "SCHED_FIFO", 1234, raising=False)
+    monkeypatch.setattr(os, "sched_getscheduler", lambda pid: 7, raising=False)
+    monkeypatch.setattr(os, "sched_getparam", lambda pid: os.sched_param(3), raising=False)
+    monkeypatch.setattr(os, "sched_setscheduler", fake_set, raising=False)
+    with realtime_priority(42) as rt:
+        if allowed:
+            assert rt.applied == "SCHED_FIFO 42" and calls == [(0, 1234, 42)]
+        else:
+            assert rt.applied == "normal (SCHED_FIFO not permitted: [Errno 1] Operation not permitted)"
+            assert calls == []
+    # leaving restores the old policy and priority, and only if it was changed
+    assert calls == ([(0, 1234, 42), (0, 7, 3)] if allowed else [])
 
 
 def test_committed_actions_leave_out_the_reserve():

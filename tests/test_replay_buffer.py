@@ -158,7 +158,7 @@ def test_missing_key_lists_the_keys_present(tmp_path: Path) -> None:
     buf = _filled(tmp_path / "b.zarr", 1)
     with pytest.raises(MissingKeyError, match="agent_pos.*action, img, obs"):
         buf.get_array("agent_pos")
-    with pytest.raises(KeyError):
+    with pytest.raises(MissingKeyError, match="agent_pos"):
         buf.load(["obs", "agent_pos"])
 
 

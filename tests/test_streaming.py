@@ -165,3 +165,27 @@ def test_streaming_errors():
     # Rows let a subset of episodes continue.
     out = stream.predict_action_chunk({"s": torch.rand(1, TO, 3)}, rows=torch.tensor([1]))
     assert out.shape == (1, 5, 2)
+
+
+def test_reset_starts_every_episode_afresh_like_a_new_stream():
+    torch.manual_seed(0)
+    policy = EdmUnetPolicy(_config()).eval()
+    policy.set_normalizer({"s": {"min": np.zeros(3), "max": np.ones(3)}, "action": {"min": -np.ones(2), "max": np.ones(2)}})
+    obs = {"s": torch.rand(2, TO, 3, generator=torch.Generator().manual_seed(1))}
+
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(5)
+
+    stream = StreamingPolicy(policy, 1)
+    first = stream.predict_action_chunk(obs, generator=seeded())
+    stream.predict_action_chunk(obs, generator=seeded())
+    # without a reset the same seed continues from the old buffer and gives other actions
+    assert not torch.equal(stream.predict_action_chunk(obs, generator=seeded()), first)
+    stream.reset()
+    assert stream.state is None
+    again = stream.predict_action_chunk(obs, generator=seeded())
+    fresh = StreamingPolicy(policy, 1).predict_action_chunk(obs, generator=seeded())
+    assert torch.equal(again, first) and torch.equal(again, fresh)
+    # a reset also lets a batch of another size start (without it: "buffer holds 2 episodes")
+    stream.reset()
+    assert stream.predict_action_chunk({"s": torch.rand(3, TO, 3)}).shape == (3, 5, DA)

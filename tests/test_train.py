@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from rtdp.cli import compose
 from rtdp.data.replay_buffer import ReplayBuffer
-from rtdp.errors import CheckpointError, MissingKeyError
+from rtdp.errors import CheckpointError, ConfigError, MissingKeyError
 from rtdp.workflows.train import action_error, ema_decay, lr_at, train
 
 TINY = ["steps=6", "checkpoint_every=3", "batch_size=8", "policy.down_dims=[8,16]", "eval_episodes=0", "threads=1",
@@ -71,27 +71,50 @@ def test_second_run_into_same_folder_needs_resume(tmp_path) -> None:
     store = _store(tmp_path / "d.zarr")
     cfg = compose("train", [f"data={store}", f"out={tmp_path / 'a'}", *TINY])
     train(cfg)
-    with pytest.raises(Exception, match="resume=true"):
+    with pytest.raises(ConfigError, match="resume=true"):
         train(cfg)
 
 
-def test_checkpoint_reloads_with_identical_actions(tmp_path) -> None:
+def _record_saved_policies(monkeypatch, cls) -> list:
+    """Every policy object ``cls.save_pretrained`` is called on during a run, in order (the in-memory EMA)."""
+    saved = []
+    real = cls.save_pretrained
+
+    def recording(self, directory):
+        saved.append(self)
+        return real(self, directory)
+
+    monkeypatch.setattr(cls, "save_pretrained", recording)
+    return saved
+
+
+def test_checkpoint_reloads_with_the_actions_of_the_in_memory_ema_policy(tmp_path, monkeypatch) -> None:
+    from rtdp.policies.diffusion_unet import DiffusionUnetPolicy
     from rtdp.workflows.eval import load_checkpoint
 
     store = _store(tmp_path / "d.zarr")
+    saved = _record_saved_policies(monkeypatch, DiffusionUnetPolicy)
     train(compose("train", [f"data={store}", f"out={tmp_path / 'a'}", *TINY]))
+    assert saved, "training wrote its checkpoint without save_pretrained"
+    ema = saved[-1]  # the EMA policy object as training left it (last checkpoint, at the final step)
     policy, meta = load_checkpoint(tmp_path / "a/checkpoint")
-    again, _ = load_checkpoint(tmp_path / "a/checkpoint")
-    assert meta["task"] == "pusht" and meta["n_episodes"] == 3
+    assert policy is not ema and meta["task"] == "pusht" and meta["n_episodes"] == 3 and meta["train_steps"] == 6
     rng = np.random.default_rng(1)
     obs = {"keypoint": rng.uniform(0, 512, (1, 2, 9, 2)).astype(np.float32),
            "agent_pos": rng.uniform(0, 512, (1, 2, 2)).astype(np.float32)}
     noise = torch.randn(1, 16, 2, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         a = policy.predict_action_chunk(obs, sampler="ddim", steps=5, noise=noise)
-        b = again.predict_action_chunk(obs, sampler="ddim", steps=5, noise=noise)
+        b = ema.eval().predict_action_chunk(obs, sampler="ddim", steps=5, noise=noise)
     assert a.shape == (1, 8, 2)
     assert torch.equal(a, b)
+    reloaded, in_memory = policy.state_dict(), ema.state_dict()
+    assert reloaded.keys() == in_memory.keys()
+    for k in in_memory:
+        assert torch.equal(reloaded[k], in_memory[k]), k
+    # the checkpoint holds the averaged weights, not the last optimiser step's
+    raw = load_file(str(tmp_path / "a/train_state/model.safetensors"))
+    assert any(not torch.equal(raw[k], in_memory[k]) for k in raw if raw[k].is_floating_point())
 
 
 def test_dataset_missing_a_key_the_policy_needs(tmp_path) -> None:
@@ -148,8 +171,6 @@ def test_action_error_logged_at_checkpoints_in_normalised_units(tmp_path) -> Non
 
 
 def test_bad_betas_are_a_config_error(tmp_path) -> None:
-    from rtdp.errors import ConfigError
-
     store = _store(tmp_path / "d.zarr")
     with pytest.raises(ConfigError, match="betas must be two numbers"):
         train(compose("train", [f"data={store}", f"out={tmp_path / 'a'}", *TINY, "betas=[0.9,1.5]"]))
@@ -178,7 +199,7 @@ def test_anchor_obs_list_concatenates_rounds_and_rejects_mismatched_windows(tmp_
 
 def test_dagger_round_trains_the_student_at_its_own_recorded_observations(tmp_path, monkeypatch) -> None:
     """rtdp eval record_obs= -> rtdp train policy=consistency policy.init= anchor_obs=: the windows reach the loss."""
-    from rtdp.errors import ConfigError, DatasetError
+    from rtdp.errors import DatasetError
     from rtdp.policies.consistency import ConsistencyUnetPolicy
     from rtdp.workflows.eval import evaluate
 

@@ -87,25 +87,43 @@ def _store(path):
     return path
 
 
-def test_trains_from_the_cli_config_and_reloads_by_type(tmp_path):
+def test_trains_from_the_cli_config_and_reloads_by_type(tmp_path, monkeypatch):
     from rtdp.workflows.train import train
 
     store = _store(tmp_path / "d.zarr")
+    saved = []
+    real = TransformerDiffusionPolicy.save_pretrained
+
+    def recording(self, directory):
+        saved.append(self)  # the in-memory EMA policy training checkpoints
+        return real(self, directory)
+
+    monkeypatch.setattr(TransformerDiffusionPolicy, "save_pretrained", recording)
     train(compose("train", [f"data={store}", f"out={tmp_path / 'run'}", "policy=transformer", "policy.n_layer=2",
                             "policy.n_emb=32", "steps=4", "checkpoint_every=2", "batch_size=8", "eval_episodes=0",
                             "threads=1", "warmup_steps=1"]))
+    assert saved, "training wrote its checkpoint without save_pretrained"
+    ema = saved[-1].eval()
     policy = load_policy(tmp_path / "run/checkpoint")
-    assert isinstance(policy, TransformerDiffusionPolicy)
+    assert isinstance(policy, TransformerDiffusionPolicy) and policy is not ema
     assert policy.config.n_layer == 2 and len(policy.model.blocks) == 2
     rng = np.random.default_rng(1)
     obs = {"keypoint": rng.uniform(0, 512, (1, 2, 9, 2)).astype(np.float32),
            "agent_pos": rng.uniform(0, 512, (1, 2, 2)).astype(np.float32)}
     noise = torch.randn(1, 16, 2, generator=torch.Generator().manual_seed(3))
-    again = load_policy(tmp_path / "run/checkpoint")
-    a = policy.predict_action_chunk(obs, sampler="ddim", steps=4, noise=noise)
+    with torch.no_grad():
+        a = policy.predict_action_chunk(obs, sampler="ddim", steps=4, noise=noise)
+        b = ema.predict_action_chunk(obs, sampler="ddim", steps=4, noise=noise)
     assert a.shape == (1, 8, 2) and bool(torch.isfinite(a).all())
-    assert torch.equal(a, again.predict_action_chunk(obs, sampler="ddim", steps=4, noise=noise))
+    assert torch.equal(a, b)  # the reloaded checkpoint acts as the EMA policy training ended with
     assert policy.last_nfe == 4
+    reloaded, in_memory = policy.state_dict(), ema.state_dict()
+    assert reloaded.keys() == in_memory.keys()
+    assert all(torch.equal(reloaded[k], in_memory[k]) for k in in_memory)
+    from safetensors.torch import load_file
+
+    raw = load_file(str(tmp_path / "run/train_state/model.safetensors"))  # the last optimiser step's weights
+    assert any(not torch.equal(raw[k], in_memory[k]) for k in raw if raw[k].is_floating_point())
 
 
 def test_loss_backpropagates_to_every_parameter():
