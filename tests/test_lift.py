@@ -146,7 +146,7 @@ def test_no_renderer_until_render(env):
     assert env.unwrapped.robosuite_env.sim._render_context_offscreen is None
 
 
-@pytest.mark.slow
+@pytest.mark.sim
 def test_render_frames_show_the_scene():
     pytest.importorskip("robosuite")
     import rtdp.envs
