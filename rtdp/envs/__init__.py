@@ -13,6 +13,7 @@ frames with ``render()``.
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -129,17 +130,31 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {}
 
 
-def register_task(spec: TaskSpec, entry_point: str | None = None) -> None:
-    """Add a task to the registry and, if given, its env to gymnasium."""
+TASK_MODULES: dict[str, str] = {}
+
+
+def register_task(spec: TaskSpec, entry_point: str | None = None, *, module: str | None = None) -> None:
+    """Add a task to the registry and, if given, its env to gymnasium.
+
+    ``module`` (default: the caller's module) is what a spawned process (the
+    sim driver, collection workers) imports to have the task registered too.
+    """
     import gymnasium
 
     TASKS[spec.name] = spec
+    TASK_MODULES[spec.name] = module or sys._getframe(1).f_globals.get("__name__", "rtdp.envs")
     if entry_point is not None and spec.env_id not in gymnasium.registry:
         gymnasium.register(spec.env_id, entry_point=entry_point, max_episode_steps=spec.max_steps)
 
 
-def get_task(name: str) -> TaskSpec:
-    """Look a task up by name, with a typed error listing the known ones."""
+def get_task(name: str, module: str | None = None) -> TaskSpec:
+    """Look a task up by name, with a typed error listing the known ones.
+
+    ``module``: imported first when the task is not registered yet (a spawned
+    process finding a task that another package registers; ``TASK_MODULES``).
+    """
+    if name not in TASKS and module:
+        importlib.import_module(module)
     if name not in TASKS:
         raise UnknownNameError("task", name, list(TASKS))
     return TASKS[name]

@@ -258,7 +258,10 @@ def bench(
 
         for p in policies:
             names += [n for n in family_of(p).bench_configs if n not in names]
-        if any(not family_of(p).settings for p in policies) or size is not None:
+        def runs_ddpm100(p) -> bool:  # the reference of action_mse, where the checkpoint has 100+ training steps
+            return not family_of(p).settings and getattr(p.config, "num_train_timesteps", 0) >= 100
+
+        if any(runs_ddpm100(p) for p in policies) or size is not None:
             names = ["ddpm-100"] + [n for n in names if n != "ddpm-100"]
     else:
         names = list(configs)

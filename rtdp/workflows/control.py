@@ -226,10 +226,12 @@ def _registering_modules(cfg, driver) -> tuple[str, ...]:
         classes.append(MODEL_TYPES.get(read_meta(cfg.checkpoint)["model_type"]))
     elif cfg.get("policy"):
         classes.append(FAMILIES[cfg.policy.name].policy_class)
+    from rtdp.envs import TASK_MODULES
+
     task = getattr(driver, "task", None)
     mods = [c.__module__ for c in classes if c is not None]
-    if task is not None and getattr(task, "registered_by", None):
-        mods.append(task.registered_by)
+    if task is not None and task.name in TASK_MODULES:
+        mods.append(TASK_MODULES[task.name])
     return tuple(m for m in dict.fromkeys(mods) if not m.startswith("rtdp."))
 
 

@@ -25,12 +25,12 @@ from rtdp.controllers.drivers.base import ActionLimits, DriverBase, Reading
 from rtdp.errors import ActionError, ConfigError, DeviceDisconnectedError, DeviceNotConnectedError, DriverError
 
 
-def _sim_main(task_name: str, rate_hz: float, conn) -> None:
+def _sim_main(task_name: str, rate_hz: float, conn, module: str | None = None) -> None:
     """Body of the simulator process."""
     from rtdp.envs import get_task, make
 
     try:
-        task = get_task(task_name)
+        task = get_task(task_name, module)  # module: where a task registered outside rtdp lives
         env = make(task)
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -123,8 +123,10 @@ class SimDriver(DriverBase):
             return
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_sim_main, args=(self.task.name, self.rate_hz, child), daemon=True,
-                                 name=f"rtdp-sim-{self.task.name}")
+        from rtdp.envs import TASK_MODULES
+
+        self._proc = ctx.Process(target=_sim_main, daemon=True, name=f"rtdp-sim-{self.task.name}",
+                                 args=(self.task.name, self.rate_hz, child, TASK_MODULES.get(self.task.name)))
         self._proc.start()
         child.close()
         if not self._conn.poll(self.start_timeout_s):
