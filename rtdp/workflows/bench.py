@@ -224,6 +224,7 @@ def bench(
     batch: int = 50,
     mse_observations: int = 8,
     progress: bool = True,
+    fresh_tasks: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run every configuration and return the report dict (DESIGN.md's ``rtdp bench`` keys)."""
     import torch
@@ -244,14 +245,18 @@ def bench(
         policies.append(policy)
         metas.append(meta)
     if size is not None:
-        task = get_task(task_name or ("pusht_image" if size == "dp_image" else "pusht"))
+        if not task_name and not fresh_tasks:
+            raise ConfigError("fresh networks take a task's observation shapes: pass task=NAME")
+        task = get_task(task_name or fresh_tasks["image" if size == "dp_image" else "lowdim"])
         policies = _fresh_policies(task, size)
         for p in policies:
             p._bench_source = f"fresh:{size}"
         if episodes:
             raise ConfigError("episodes need trained checkpoints; size= benchmarks time freshly initialised networks")
     else:
-        task = get_task(task_name or metas[0].get("task") or "pusht")
+        if not (task_name or metas[0].get("task")):
+            raise ConfigError(f"{checkpoints[0]} does not say which task it was trained on (no meta.json): pass task=NAME")
+        task = get_task(task_name or metas[0].get("task"))
     if configs is None:
         names: list[str] = []
         from rtdp.policies.registry import family_of
@@ -394,6 +399,7 @@ def run(cfg) -> dict[str, Any]:
         threads=cfg.threads,
         batch=int(cfg.batch),
         mse_observations=int(cfg.mse_observations),
+        fresh_tasks={"lowdim": str(cfg.fresh_task), "image": str(cfg.fresh_image_task)},
     )
     print_bench(report)
     if cfg.json:

@@ -122,7 +122,7 @@ def _make_driver(cfg, task_name: str | None):
     if cfg.driver == "sim":
         from rtdp.controllers.drivers.sim import SimDriver
 
-        return SimDriver(task_name or "pusht", cfg.rate_hz, max_delta=cfg.max_delta), None
+        return SimDriver(task_name, cfg.rate_hz, max_delta=cfg.max_delta), None
     return _make_dynamixel(cfg)
 
 
@@ -312,7 +312,10 @@ def run_control(cfg) -> dict[str, Any]:
         ck_task, obs_keys, n_obs, n_act = _checkpoint_info(cfg)
         task_name = task_name or ck_task
     if cfg.driver == "sim" and task_name is None:
-        task_name = "pusht"
+        from rtdp.envs import TASKS
+
+        raise ConfigError(f"driver=sim simulates a task: pass task=NAME (known: {', '.join(TASKS)}) or a checkpoint "
+                          "trained on one")
     worker_cpus, loop_cpus = _split_cpus(cfg)
     clock = MonotonicClock()
     out = Path(cfg.out)

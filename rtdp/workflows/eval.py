@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rtdp.envs import TaskSpec, get_task
+from rtdp.envs import TASKS, TaskSpec, get_task
 from rtdp.errors import CheckpointError, ConfigError
 from rtdp.workflows.metrics import percentiles_ms, wilson_interval
 from rtdp.workflows.report import plot_eval, print_table, write_video
@@ -154,13 +154,19 @@ def evaluate(
 
     torch.set_num_threads(threads)
     if use_expert:
-        task = get_task(task_name or "pusht")
+        if not task_name:
+            raise ConfigError(f"expert=true evaluates a task's scripted expert: name it, task=NAME "
+                              f"(known: {', '.join(TASKS)})")
+        task = get_task(task_name)
         policy, meta = None, {}
     else:
         if checkpoint is None:
             raise CheckpointError("rtdp eval needs checkpoint=<folder> (or expert=true task=<name>)")
         policy, meta = load_checkpoint(checkpoint)
-        task = get_task(task_name or meta.get("task") or "pusht")
+        if not (task_name or meta.get("task")):
+            raise ConfigError(f"{checkpoint} does not say which task it was trained on (no meta.json): pass task=NAME "
+                              f"(known: {', '.join(TASKS)})")
+        task = get_task(task_name or meta.get("task"))
     seeds = task.seeds(episodes) if first_seed is None else list(range(int(first_seed), int(first_seed) + episodes))
     if record_obs is not None and use_expert:
         raise ConfigError("record_obs records the windows a checkpoint acts on; the scripted expert reads none")
@@ -196,7 +202,7 @@ def evaluate(
     ci = wilson_interval(n_ok, len(result.episodes))
     video_path = None
     if video and result.frames:
-        fps = 10 if task.name.startswith("pusht") else 20
+        fps = task.video_fps
         video_path = str(write_video(result.frames, out_dir / f"rollout_{task.name}_seed{seeds[0]}", fps))
     plot_path = str(plot_eval(out_dir / "eval.png", [e.score for e in result.episodes],
                               [e.success for e in result.episodes], lat["latency_samples_ms"],
