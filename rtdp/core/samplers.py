@@ -68,16 +68,7 @@ def sample_ddim(
     ``DDIMScheduler.step``; when the denoiser clips x0 the direction uses the
     clipped x0 (diffusers' ``use_clipped_model_output=True``).
 
-    Args:
-        denoiser: ``denoiser(x, sigma, cond) -> x0_hat``.
-        x: starting sample at ``sigmas[0]``, (B, T, D).
-        sigmas: decreasing noise levels, (S + 1,), ending in 0.
-        cond: conditioning passed to the denoiser.
-        generator: unused (deterministic), accepted for a uniform signature.
-        callback: called after each step with ``{"x", "i", "sigma", "sigma_next", "denoised"}``.
-
-    Returns:
-        the sample at ``sigmas[-1]``, (B, T, D).
+    Arguments and result as ``sample_euler`` (deterministic: ``generator`` is unused).
     """
     s = sigmas.tolist()
     batch = x.shape[0]
@@ -392,49 +383,6 @@ def _dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, eta: fl
     return x
 
 
-@torch.no_grad()
-def sample_consistency(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    sigma_min: float = 0.002,
-) -> torch.Tensor:
-    """Multistep consistency sampling (Song et al. 2023, "Consistency Models", Algorithm 1).
-
-    The consistency function maps a sample at any level straight to the clean
-    trajectory: one evaluation at ``sigmas[0]`` gives the answer; each further
-    level re-noises that answer to ``sigma`` (with ``sqrt(sigma^2 -
-    sigma_min^2)``, since the function is the identity at ``sigma_min``) and
-    evaluates again. One network evaluation per level.
-
-    Args:
-        denoiser: a consistency function in denoiser form, ``f(x, sigma, cond) -> x0_hat``.
-        x: starting sample at ``sigmas[0]``, (B, T, D).
-        sigmas: the levels visited, decreasing, (S,), with no trailing 0.
-        cond: conditioning passed to the denoiser.
-        generator: source of the re-noising noise.
-        callback: called after each evaluation with ``{"x", "i", "sigma", "denoised"}``.
-        sigma_min: the boundary level where the consistency function is the identity.
-
-    Returns:
-        the clean sample, (B, T, D).
-    """
-    batch = x.shape[0]
-    x0 = denoiser(x, sigmas[0].expand(batch), cond)
-    if callback is not None:
-        callback({"x": x, "i": 0, "sigma": float(sigmas[0]), "denoised": x0})
-    for i, sigma in enumerate(sigmas[1:], start=1):
-        x = x0 + (sigma**2 - sigma_min**2).clamp_min(0).sqrt() * _randn_like(x0, generator)
-        x0 = denoiser(x, sigma.expand(batch), cond)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": float(sigma), "denoised": x0})
-    return x0
-
-
 Sampler = Callable[..., torch.Tensor]
 
 # Open registries: other modules add their samplers and schedules here. Default
@@ -497,3 +445,46 @@ def get_sigmas(name: str, alphas_cumprod: torch.Tensor, steps: int, *, karras: b
     if karras:
         return sigmas_karras_discrete(alphas_cumprod, steps)
     return fn(alphas_cumprod, steps)
+
+
+@torch.no_grad()
+def sample_consistency(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    sigma_min: float = 0.002,
+) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, "Consistency Models", Algorithm 1).
+
+    The consistency function maps a sample at any level straight to the clean
+    trajectory: one evaluation at ``sigmas[0]`` gives the answer; each further
+    level re-noises that answer to ``sigma`` (with ``sqrt(sigma^2 -
+    sigma_min^2)``, since the function is the identity at ``sigma_min``) and
+    evaluates again. One network evaluation per level.
+
+    Args:
+        denoiser: a consistency function in denoiser form, ``f(x, sigma, cond) -> x0_hat``.
+        x: starting sample at ``sigmas[0]``, (B, T, D).
+        sigmas: the levels visited, decreasing, (S,), with no trailing 0.
+        cond: conditioning passed to the denoiser.
+        generator: source of the re-noising noise.
+        callback: called after each evaluation with ``{"x", "i", "sigma", "denoised"}``.
+        sigma_min: the boundary level where the consistency function is the identity.
+
+    Returns:
+        the clean sample, (B, T, D).
+    """
+    batch = x.shape[0]
+    x0 = denoiser(x, sigmas[0].expand(batch), cond)
+    if callback is not None:
+        callback({"x": x, "i": 0, "sigma": float(sigmas[0]), "denoised": x0})
+    for i, sigma in enumerate(sigmas[1:], start=1):
+        x = x0 + (sigma**2 - sigma_min**2).clamp_min(0).sqrt() * _randn_like(x0, generator)
+        x0 = denoiser(x, sigma.expand(batch), cond)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": float(sigma), "denoised": x0})
+    return x0

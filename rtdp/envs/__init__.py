@@ -180,6 +180,10 @@ def expert(env) -> Expert:
 
 
 _PUSHT_KP = ("keypoint", "agent_pos")
+# What every PushT variant shares: the agent, the expert, the 10 Hz control and Diffusion Policy's data layout.
+_PUSHT = dict(action_dim=2, max_steps=300, expert="rtdp.envs.pusht_expert:PushTExpert",
+              dataset_aliases={"agent_pos": ("state", 0, 2)}, control_rate_hz=10.0,
+              hold_action="rtdp.envs.pusht:hold_action")
 
 register_task(
     TaskSpec(
@@ -187,12 +191,7 @@ register_task(
         env_id="rtdp/PushT-v0",
         env_kwargs={"obs_mode": "state"},
         lowdim_keys=_PUSHT_KP,
-        action_dim=2,
-        max_steps=300,
-        expert="rtdp.envs.pusht_expert:PushTExpert",
-        dataset_aliases={"agent_pos": ("state", 0, 2)},
-        control_rate_hz=10.0,
-        hold_action="rtdp.envs.pusht:hold_action",
+        **_PUSHT,
     ),
     entry_point="rtdp.envs.pusht:PushTEnv",
 )
@@ -203,12 +202,7 @@ register_task(
         env_kwargs={"obs_mode": "image"},
         lowdim_keys=("agent_pos",),
         image_keys=("img",),
-        action_dim=2,
-        max_steps=300,
-        expert="rtdp.envs.pusht_expert:PushTExpert",
-        dataset_aliases={"agent_pos": ("state", 0, 2)},
-        control_rate_hz=10.0,
-        hold_action="rtdp.envs.pusht:hold_action",
+        **_PUSHT,
     ),
 )
 # PushT with a goal pose drawn per episode (rtdp.envs.pusht.GOAL_RANGE); the
@@ -219,12 +213,7 @@ register_task(
         env_id="rtdp/PushTGoal-v0",
         env_kwargs={"obs_mode": "state", "goal_mode": "random"},
         lowdim_keys=(*_PUSHT_KP, "goal_keypoint"),
-        action_dim=2,
-        max_steps=300,
-        expert="rtdp.envs.pusht_expert:PushTExpert",
-        dataset_aliases={"agent_pos": ("state", 0, 2)},
-        control_rate_hz=10.0,
-        hold_action="rtdp.envs.pusht:hold_action",
+        **_PUSHT,
     ),
     entry_point="rtdp.envs.pusht:PushTGoalEnv",
 )
