@@ -76,6 +76,14 @@ def test_collect_with_two_workers_writes_the_store_one_worker_writes(tmp_path) -
     assert not mp.active_children()  # the workers have exited
 
 
+def test_collect_workers_find_a_task_registered_outside_rtdp(tmp_path) -> None:
+    import tests.test_toy_family  # noqa: F401  registers test_reach, which a spawned worker must import too
+
+    collect("test_reach", 3, tmp_path / "one.zarr", seed=0, keep_failed=True, progress=False)
+    collect("test_reach", 3, tmp_path / "two.zarr", seed=0, keep_failed=True, workers=2, progress=False)
+    _assert_same_episodes(_episodes(tmp_path / "two.zarr"), _episodes(tmp_path / "one.zarr"))
+
+
 def test_a_collect_worker_that_dies_is_a_collect_error_and_written_episodes_stay(tmp_path) -> None:
     store = tmp_path / "demos.zarr"
     collect("pusht", 1, store, seed=0, progress=False)

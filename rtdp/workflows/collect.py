@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from rtdp.envs import get_task
+from rtdp.envs import TASK_MODULES, get_task
 from rtdp.errors import ConfigError, RtdpError
 from rtdp.workflows.metrics import wilson_interval
 from rtdp.workflows.rollout import EpisodeResult, rollout_expert
@@ -35,10 +35,13 @@ class CollectError(RtdpError):
     """A collection worker failed, died, or stopped sending episodes."""
 
 
-def _worker(task_name: str, seeds: list[int], queue, index: int = 0) -> None:
-    """Collect a shard of seeds in a child process and send episodes back."""
+def _worker(task_name: str, seeds: list[int], queue, index: int = 0, module: str | None = None) -> None:
+    """Collect a shard of seeds in a child process and send episodes back.
+
+    ``module`` registers the task in this fresh process when it comes from outside rtdp (``TASK_MODULES``).
+    """
     try:
-        task = get_task(task_name)
+        task = get_task(task_name, module)
 
         def send(result: EpisodeResult, data: dict[str, np.ndarray] | None) -> None:
             queue.put((result, data))
@@ -161,7 +164,8 @@ def collect(
             capacity = 4 * workers
             queue = ctx.Queue(maxsize=capacity)
             shards = [seeds[w::workers] for w in range(workers)]
-            procs = [ctx.Process(target=_worker, args=(task.name, shards[w], queue, w), daemon=True,
+            module = TASK_MODULES.get(task.name)
+            procs = [ctx.Process(target=_worker, args=(task.name, shards[w], queue, w, module), daemon=True,
                                  name=f"rtdp-collect-{w}") for w in range(workers)]
             for p in procs:
                 p.start()
