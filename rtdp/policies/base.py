@@ -362,7 +362,12 @@ class DiffusionPolicy(Model):
     # ----------------------------------------------------------------- public
 
     def _check_steps(self, steps: Any) -> int:
-        raise NotImplementedError
+        """Sampler steps as an int in 1..``num_train_timesteps`` (a family with other limits overrides this)."""
+        most = getattr(self.config, "num_train_timesteps", None)
+        valid = not isinstance(steps, bool) and isinstance(steps, (int, np.integer))
+        if not valid or most is None or not 1 <= steps <= most:
+            raise ConfigError(f"steps must be an int in 1..{most} (the policy's num_train_timesteps), got {steps!r}")
+        return int(steps)
 
     def sample_trajectory(self, cond: torch.Tensor, uncond: torch.Tensor | None, *, sampler: str | None,
                           steps: int, generator: torch.Generator | None, noise: torch.Tensor | None,

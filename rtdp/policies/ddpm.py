@@ -14,7 +14,6 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -96,15 +95,6 @@ class DdpmPolicy(DiffusionPolicy):
             # Kept out of the module tree: it wraps self.model, which must not appear twice in the state dict.
             cache[fractional] = den
         return den
-
-    def _check_steps(self, steps: Any) -> int:
-        cfg = self.config
-        valid = not isinstance(steps, bool) and isinstance(steps, (int, np.integer))
-        if not valid or not 1 <= steps <= cfg.num_train_timesteps:
-            raise ConfigError(
-                f"steps must be an int in 1..{cfg.num_train_timesteps} (the policy's num_train_timesteps), got {steps!r}"
-            )
-        return int(steps)
 
     def _sigmas(self, sampler: str, steps: int) -> torch.Tensor:
         key = (sampler, steps, self.device)

@@ -27,7 +27,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -180,15 +179,6 @@ class EdmUnetPolicy(DiffusionPolicy):
 
     def _build_network(self, config: EdmUnetConfig) -> nn.Module:
         return build_unet(config)
-
-    def _check_steps(self, steps: Any) -> int:
-        cfg = self.config
-        valid = not isinstance(steps, bool) and isinstance(steps, (int, np.integer))
-        if not valid or not 1 <= steps <= cfg.num_train_timesteps:
-            raise ConfigError(
-                f"steps must be an int in 1..{cfg.num_train_timesteps} (the policy's num_train_timesteps), got {steps!r}"
-            )
-        return int(steps)
 
     def _net(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: Any) -> torch.Tensor:
         return self.model(x_in, c_noise * NOISE_EMBED_SCALE, cond)
