@@ -19,7 +19,7 @@ VERBS = ("collect", "train", "eval", "bench", "demo", "control", "image")
 USAGE = """usage: rtdp <verb> [key=value ...]
 
 verbs:
-  demo      collect/reuse demonstrations, train/reuse a checkpoint, evaluate, report
+  demo      the shipped DDPM and fast policies on the same seeds, one table, then real-time control
   collect   roll out a task's scripted expert into a zarr replay buffer
   train     train a diffusion policy from a zarr replay buffer
   eval      evaluate a checkpoint (or the expert) on the task's evaluation seeds
