@@ -50,16 +50,25 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
+def _intervals(sigmas: torch.Tensor) -> list[tuple[int, float, float]]:
+    # (i, sigma, sigma_next) of every step of a schedule, as Python floats
+    s = sigmas.tolist()
+    return [(i, s[i], s[i + 1]) for i in range(len(s) - 1)]
+
+
+def _denoise(denoiser: Denoiser, x: torch.Tensor, sigma: float, cond: Any) -> torch.Tensor:
+    return denoiser(x, x.new_full((x.shape[0],), sigma), cond)
+
+
+def _report(callback: Callback | None, x: torch.Tensor, i: int, sigma: float, sigma_next: float,
+            x0: torch.Tensor) -> None:
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
+
+
 @torch.no_grad()
-def sample_ddim(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Any = None,
+                generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
     """Deterministic DDIM (Song et al. 2021, eta = 0).
 
     In VE form DDIM is Euler's method on the probability-flow ODE
@@ -70,27 +79,16 @@ def sample_ddim(
 
     Arguments and result as ``sample_euler`` (deterministic: ``generator`` is unused).
     """
-    s = sigmas.tolist()
-    batch = x.shape[0]
-    for i in range(len(s) - 1):
-        sigma, sigma_next = s[i], s[i + 1]
-        x0 = denoiser(x, x.new_full((batch,), sigma), cond)
+    for i, sigma, sigma_next in _intervals(sigmas):
+        x0 = _denoise(denoiser, x, sigma, cond)
         x = x0 if sigma_next == 0 else x0 + (sigma_next / sigma) * (x - x0)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
+        _report(callback, x, i, sigma, sigma_next, x0)
     return x
 
 
 @torch.no_grad()
-def sample_ddpm(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
+def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Any = None,
+                generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
     """Ancestral DDPM sampling (Ho et al. 2020, Eq. 6-7, "fixed_small" variance).
 
     The posterior ``q(x_prev | x, x0_hat)`` in VE form is
@@ -111,19 +109,15 @@ def sample_ddpm(
     Returns:
         the sample at ``sigmas[-1]``, (B, T, D).
     """
-    s = sigmas.tolist()
-    batch = x.shape[0]
-    for i in range(len(s) - 1):
-        sigma, sigma_next = s[i], s[i + 1]
-        x0 = denoiser(x, x.new_full((batch,), sigma), cond)
+    for i, sigma, sigma_next in _intervals(sigmas):
+        x0 = _denoise(denoiser, x, sigma, cond)
         if sigma_next == 0:
             x = x0
         else:
             ratio = (sigma_next / sigma) ** 2
             sigma_up = sigma_next * math.sqrt(max(sigma**2 - sigma_next**2, 0.0)) / sigma
             x = x0 + ratio * (x - x0) + sigma_up * _randn_like(x, generator)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
+        _report(callback, x, i, sigma, sigma_next, x0)
     return x
 
 
@@ -143,15 +137,8 @@ def _ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[
 
 
 @torch.no_grad()
-def sample_euler(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
+def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Any = None,
+                 generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn).
 
     ``d = (x - x0_hat) / sigma``, ``x <- x + (sigma_next - sigma) d``: first order,
@@ -170,28 +157,17 @@ def sample_euler(
     Returns:
         the sample at ``sigmas[-1]``, (B, T, D).
     """
-    s = sigmas.tolist()
-    batch = x.shape[0]
-    for i in range(len(s) - 1):
-        sigma, sigma_next = s[i], s[i + 1]
-        x0 = denoiser(x, x.new_full((batch,), sigma), cond)
+    for i, sigma, sigma_next in _intervals(sigmas):
+        x0 = _denoise(denoiser, x, sigma, cond)
         x = x + _to_d(x, sigma, x0) * (sigma_next - sigma)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
+        _report(callback, x, i, sigma, sigma_next, x0)
     return x
 
 
 @torch.no_grad()
-def sample_euler_ancestral(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    eta: float = 1.0,
-) -> torch.Tensor:
+def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Any = None,
+                           generator: torch.Generator | None = None, callback: Callback | None = None,
+                           eta: float = 1.0) -> torch.Tensor:
     """Ancestral Euler sampling (k-diffusion's ``sample_euler_ancestral``).
 
     Each step is an Euler step down to ``sigma_down`` followed by fresh noise of
@@ -215,30 +191,19 @@ def sample_euler_ancestral(
     Returns:
         the sample at ``sigmas[-1]``, (B, T, D).
     """
-    s = sigmas.tolist()
-    batch = x.shape[0]
-    for i in range(len(s) - 1):
-        sigma, sigma_next = s[i], s[i + 1]
-        x0 = denoiser(x, x.new_full((batch,), sigma), cond)
+    for i, sigma, sigma_next in _intervals(sigmas):
+        x0 = _denoise(denoiser, x, sigma, cond)
         sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
         x = x + _to_d(x, sigma, x0) * (sigma_down - sigma)
         if sigma_next > 0:
             x = x + _randn_like(x, generator) * sigma_up
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
+        _report(callback, x, i, sigma, sigma_next, x0)
     return x
 
 
 @torch.no_grad()
-def sample_heun(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
+def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Any = None,
+                generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
     """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Alg. 1; Alg. 2 without churn).
 
     An Euler step to ``sigma_next`` is corrected with the slope there:
@@ -260,35 +225,24 @@ def sample_heun(
     Returns:
         the sample at ``sigmas[-1]``, (B, T, D).
     """
-    s = sigmas.tolist()
-    batch = x.shape[0]
-    for i in range(len(s) - 1):
-        sigma, sigma_next = s[i], s[i + 1]
-        x0 = denoiser(x, x.new_full((batch,), sigma), cond)
+    for i, sigma, sigma_next in _intervals(sigmas):
+        x0 = _denoise(denoiser, x, sigma, cond)
         d = _to_d(x, sigma, x0)
         dt = sigma_next - sigma
         if sigma_next == 0:
             x = x + d * dt
         else:
             x_2 = x + d * dt
-            x0_2 = denoiser(x_2, x.new_full((batch,), sigma_next), cond)
+            x0_2 = _denoise(denoiser, x_2, sigma_next, cond)
             d_2 = _to_d(x_2, sigma_next, x0_2)
             x = x + (d + d_2) / 2 * dt
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
+        _report(callback, x, i, sigma, sigma_next, x0)
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Any = None,
+                    generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2; k-diffusion's ``sample_dpmpp_2m``).
 
     A multistep exponential integrator in ``lambda = -log sigma``: with
@@ -316,15 +270,8 @@ def sample_dpmpp_2m(
 
 
 @torch.no_grad()
-def sample_dpmpp_2m_sde(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
+def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Any = None,
+                        generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) SDE (k-diffusion's ``sample_dpmpp_2m_sde``, eta = 1, midpoint).
 
     The second-order multistep solver of ``sample_dpmpp_2m`` applied to the
@@ -358,13 +305,10 @@ def sample_dpmpp_2m_sde(
 def _dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, eta: float, cond: Any,
               generator: torch.Generator | None, callback: Callback | None) -> torch.Tensor:
     # k-diffusion's sample_dpmpp_2m_sde with its eta: 0 is the ODE solver (no noise drawn), 1 the SDE one.
-    s = sigmas.tolist()
-    batch = x.shape[0]
     old_x0: torch.Tensor | None = None
     h_last = 0.0
-    for i in range(len(s) - 1):
-        sigma, sigma_next = s[i], s[i + 1]
-        x0 = denoiser(x, x.new_full((batch,), sigma), cond)
+    for i, sigma, sigma_next in _intervals(sigmas):
+        x0 = _denoise(denoiser, x, sigma, cond)
         z = _randn_like(x, generator) if eta else None  # one draw per step, the last included (diffusers)
         if sigma_next == 0:
             # lambda_next = inf: the exponential integrator lands on x0_hat.
@@ -378,8 +322,7 @@ def _dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, eta: fl
                 x = x + sigma_next * math.sqrt(-math.expm1(-2 * eh)) * z
             h_last = h
         old_x0 = x0
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
+        _report(callback, x, i, sigma, sigma_next, x0)
     return x
 
 
@@ -448,16 +391,9 @@ def get_sigmas(name: str, alphas_cumprod: torch.Tensor, steps: int, *, karras: b
 
 
 @torch.no_grad()
-def sample_consistency(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    sigma_min: float = 0.002,
-) -> torch.Tensor:
+def sample_consistency(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Any = None,
+                       generator: torch.Generator | None = None, callback: Callback | None = None,
+                       sigma_min: float = 0.002) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, "Consistency Models", Algorithm 1).
 
     The consistency function maps a sample at any level straight to the clean
