@@ -220,7 +220,7 @@ def test_calibration_round_trips_and_rejects_a_broken_file(tmp_path):
 
 
 def test_calibration_from_rollouts_feeds_bench(tmp_path):
-    # a tiny transformer checkpoint on PushT: calibrate by rollout, save beside it, bench it cached
+    # a tiny transformer checkpoint on PushT: calibrate by rollout, save it in the cache, bench it cached
     from rtdp.workflows.bench import bench
     from rtdp.workflows.calibrate import calibration_path
 
@@ -233,9 +233,11 @@ def test_calibration_from_rollouts_feeds_bench(tmp_path):
                             "policy.n_emb=16", "policy.n_head=2", "steps=2", "batch_size=4", "eval_episodes=0",
                             "threads=1", "warmup_steps=1"]))
     ck = tmp_path / "run/checkpoint"
+    cache = tmp_path / "calibration"
     rep = bench(checkpoints=[str(ck)], size=None, task_name="pusht", configs=["ddim-4", "ddim-4+bac2", "ddim-4+uniform2"],
-                episodes=0, calls=2, warmup=1, threads=1, mse_observations=2, progress=False)
-    path = calibration_path(ck, "ddim", 4)
+                episodes=0, calls=2, warmup=1, threads=1, mse_observations=2, progress=False, calibration_dir=cache)
+    path = calibration_path(ck, "ddim", 4, cache)
+    assert path.parent.parent == cache and not list(ck.glob("bac_*.json"))  # made in the cache, not beside the checkpoint
     cal = BacCalibration.load(path)
     assert cal.setting == "ddim-4" and cal.n_steps == 4 and cal.chunks >= 1
     for s in cal.similarity.values():
@@ -266,3 +268,17 @@ def test_bench_reports_the_updates_a_cached_block_makes():
     bac = Runner(policy, "ddim", 8, cache="bac3", calibration=cal).policy.model
     assert _mean_updates(bac, 8) == np.mean([len(s) for s in cal.schedule(3).values()])
     assert _mean_updates(policy.model, 8) is None
+
+
+def test_a_shipped_calibration_is_read_beside_the_checkpoint_and_a_new_one_goes_to_the_cache(tmp_path):
+    from rtdp.workflows.calibrate import calibration_path
+
+    ck = tmp_path / "run" / "checkpoint"
+    ck.mkdir(parents=True)
+    (ck / "model.safetensors").write_bytes(b"weights one")
+    made = calibration_path(ck, "ddpm", 100, tmp_path / "cache")
+    assert made.parent.parent == tmp_path / "cache" and made.parent.name.startswith("run-")
+    (ck / "model.safetensors").write_bytes(b"weights two")
+    assert calibration_path(ck, "ddpm", 100, tmp_path / "cache") != made  # retrained weights never reuse it
+    (ck / "bac_ddpm-100.json").write_text("{}")
+    assert calibration_path(ck, "ddpm", 100, tmp_path / "cache") == ck / "bac_ddpm-100.json"

@@ -198,10 +198,11 @@ def test_eval_of_a_shipped_checkpoint(tmp_path, name, task, episodes) -> None:
     assert (tmp_path / "out").is_dir()  # outputs went where asked, not beside the shipped checkpoint
 
 
-def test_eval_writes_the_report_contract(tmp_path) -> None:
+def test_eval_writes_the_report_contract(tmp_path, monkeypatch) -> None:
     from tests.test_train import TINY, _store
     from rtdp.workflows.train import train
 
+    monkeypatch.chdir(tmp_path)  # default outputs land under the working directory
     train(compose("train", [f"data={_store(tmp_path / 'd.zarr')}", f"out={tmp_path / 'run'}", *TINY]))
     report_path = tmp_path / "eval.json"
     code = main(["eval", f"checkpoint={tmp_path / 'run/checkpoint'}", "episodes=2", "sampler=ddim", "steps=2",
@@ -213,7 +214,8 @@ def test_eval_writes_the_report_contract(tmp_path) -> None:
     assert report["success_ci95"][0] <= report["success_rate"] <= report["success_ci95"][1]
     assert report["ms_per_action"] == pytest.approx(report["latency_ms_p50"] / 8)
     assert report["mean_score"] == pytest.approx(np.mean([e["score"] for e in report["per_episode"]]))
-    assert report["video"] and (tmp_path / "run/eval").is_dir()
+    assert report["video"] and (tmp_path / "outputs/eval/run").is_dir()
+    assert not (tmp_path / "run/eval").exists()  # nothing written beside the checkpoint it read
 
 
 def test_eval_with_an_unknown_sampler_fails_cleanly(tmp_path, capsys) -> None:

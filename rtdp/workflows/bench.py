@@ -225,6 +225,7 @@ def bench(
     mse_observations: int = 8,
     progress: bool = True,
     fresh_tasks: dict[str, str] | None = None,
+    calibration_dir: str | Path = "outputs/calibration",
 ) -> dict[str, Any]:
     """Run every configuration and return the report dict (DESIGN.md's ``rtdp bench`` keys)."""
     import torch
@@ -276,14 +277,14 @@ def bench(
     for (c, p), bac in zip(plan, needs_calibration):  # every configuration is validated before anything is timed
         if not bac:
             Runner(p, c.sampler, c.steps, **c.options)
-    for (c, p), bac in zip(plan, needs_calibration):  # BAC's schedules come from a calibration beside the checkpoint
+    for (c, p), bac in zip(plan, needs_calibration):  # BAC's schedules come from the checkpoint's calibration
         if bac:
             from rtdp.workflows.calibrate import bac_calibration
 
             source = getattr(p, "_bench_source", None)
             c.options["calibration"] = bac_calibration(
                 p, None if source is None or source.startswith("fresh:") else source, task, c.sampler, c.steps,
-                progress=progress)
+                progress=progress, cache=calibration_dir)
             Runner(p, c.sampler, c.steps, **c.options)
 
     obs_list = _bench_obs(task, policies[0], max(1, mse_observations))
@@ -400,6 +401,7 @@ def run(cfg) -> dict[str, Any]:
         batch=int(cfg.batch),
         mse_observations=int(cfg.mse_observations),
         fresh_tasks={"lowdim": str(cfg.fresh_task), "image": str(cfg.fresh_image_task)},
+        calibration_dir=str(cfg.calibration_dir),
     )
     print_bench(report)
     if cfg.json:

@@ -173,7 +173,9 @@ def evaluate(
     if record_obs is not None and Path(record_obs).suffix != ".npz":
         raise ConfigError(f"record_obs must name a .npz file, got {record_obs}")
     obs_log: list[dict[str, np.ndarray]] | None = [] if record_obs is not None else None
-    out_dir = Path(out) if out is not None else (Path(checkpoint).parent / "eval" if checkpoint else Path("outputs/eval"))
+    if out is None:  # under the working directory, never beside a checkpoint that is only read
+        out = Path("outputs/eval") / (f"expert_{task.name}" if use_expert else Path(checkpoint).resolve().parent.name)
+    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if use_expert:
