@@ -16,7 +16,7 @@ from rtdp.errors import ConfigError, RtdpError, UnknownNameError
 CONFIG_DIR = Path(__file__).parent / "configs"
 VERBS = ("collect", "train", "eval", "bench", "demo", "control", "image")
 
-USAGE = """usage: rtdp <verb> [key=value ...]
+USAGE = """usage: rtdp <verb> [key=value ...]    (rtdp <verb> --help: its keys; rtdp --version)
 
 verbs:
   demo      the shipped DDPM and fast policies on the same seeds, one table, then real-time control
@@ -74,8 +74,9 @@ def register_config_groups() -> None:
         store.store(group="policy", name=name, node=family.cli_defaults())
 
 
-def compose(verb: str, overrides: list[str]):
-    """Compose the config of a verb with overrides; typed errors for bad ones."""
+def compose(verb: str, overrides: list[str], *, check_missing: bool = True):
+    """Compose the config of a verb with overrides; typed errors for bad ones (and for required keys left
+    unset, unless ``check_missing`` is false)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -102,7 +103,7 @@ def compose(verb: str, overrides: list[str]):
         if cause is not None:
             msg += f": {str(cause).splitlines()[0]}"
         raise ConfigError(f"bad override for `rtdp {verb}`: {msg}") from None
-    missing = [k for k in OmegaConf.missing_keys(cfg)]
+    missing = [k for k in OmegaConf.missing_keys(cfg)] if check_missing else []
     if missing:
         raise ConfigError(f"`rtdp {verb}` needs {', '.join(f'{k}=...' for k in missing)}")
     return cfg
@@ -121,14 +122,31 @@ def task_name(cfg) -> str | None:
     return str(task.name)
 
 
+def _print_verb_help(verb: str, overrides: list[str]) -> int:
+    from rtdp.cli_help import verb_help
+
+    compose(verb, [o for o in overrides if o.split("=", 1)[0] in ("task", "policy")], check_missing=False)
+    print(verb_help(verb, [o for o in overrides if o.split("=", 1)[0] in ("task", "policy")], USAGE, CONFIG_DIR))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rtdp`` command."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    verb, overrides = args[0], _normalise_args(args[1:])
+    if args[0] in ("-V", "--version"):
+        from rtdp import __version__
+
+        print(f"rtdp {__version__}")
+        return 0
+    verb = args[0]
+    wants_help = any(a in ("-h", "--help") for a in args[1:])
+    overrides = _normalise_args([a for a in args[1:] if a not in ("-h", "--help")])
     try:
+        if wants_help:
+            return _print_verb_help(verb, overrides)
         cfg = compose(verb, overrides)
         module = importlib.import_module(f"rtdp.workflows.{verb}")
         module.run(cfg)
