@@ -409,6 +409,51 @@ def test_garbage_in_a_data_chunk_fails_on_read(tmp_path: Path) -> None:
         assert str(path) in str(info.value)
 
 
+_READ_AND_REPORT = """
+import sys
+from rtdp.data.replay_buffer import ReplayBuffer
+from rtdp.errors import RtdpError
+try:
+    ReplayBuffer.open(sys.argv[1]).load()
+except RtdpError as exc:
+    print(f"rtdp: error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def _all_chunks_garbage(path: Path) -> int:
+    # many chunks, so that many reads are still in flight when the first one fails
+    buf = ReplayBuffer.create(path)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        buf.add_episode({"state": rng.uniform(size=(300, 5)).astype(np.float32),
+                         "keypoint": rng.uniform(size=(300, 9, 2)).astype(np.float32),
+                         "action": rng.uniform(size=(300, 2)).astype(np.float32)})
+    chunks = [f for f in (path / "data").rglob("*") if f.is_file() and "c" in f.relative_to(path / "data").parts]
+    for f in chunks:
+        _garbage(f)
+    return len(chunks)
+
+
+def test_a_damaged_store_exits_with_one_line_every_time(tmp_path: Path) -> None:
+    # zarr reads chunks concurrently; the reads still in flight when one fails must not print
+    # "Task was destroyed but it is pending!" under the error (it did about one run in ten)
+    path = tmp_path / "damaged.zarr"
+    assert _all_chunks_garbage(path) > 600
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for _ in range(20):
+        run = subprocess.run([sys.executable, "-c", _READ_AND_REPORT, str(path)], capture_output=True, text=True,
+                             env=env, timeout=120)
+        assert run.returncode == 2
+        lines = run.stderr.splitlines()
+        assert len(lines) == 1 and "unreadable, a chunk file is damaged" in lines[0], run.stderr[:2000]
+    # and through the command line
+    run = subprocess.run([sys.executable, "-m", "rtdp.cli", "train", f"data={path}", f"out={tmp_path / 'run'}",
+                          "steps=1"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2 and run.stderr.startswith("rtdp train: error: corrupt replay buffer")
+    assert len(run.stderr.splitlines()) == 1, run.stderr[:2000]
+
+
 def test_garbage_in_a_v2_metadata_file(tmp_path: Path) -> None:
     path = tmp_path / "dp.zarr"
     _dp_v2_store(path)

@@ -72,6 +72,30 @@ def default_chunk_steps(step_shape: tuple[int, ...], dtype: np.dtype) -> int:
     return int(min(MAX_CHUNK_STEPS, max(1, TARGET_CHUNK_BYTES // step_bytes)))
 
 
+def _settle_reads(timeout_s: float = 10.0) -> None:
+    """Wait for the chunk reads still in flight on zarr's event loop.
+
+    zarr reads an array's chunks concurrently and a failed read raises while
+    the others are still running; left so, they die at interpreter exit as
+    "Task was destroyed but it is pending!" tracebacks under the one-line error.
+    Waiting for them (their errors are collected by the gather that started
+    them) leaves that line alone on the screen.
+    """
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def settle() -> None:
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
+    try:
+        sync(settle())
+    except Exception:  # best effort: the store's own error is what gets raised
+        pass
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
@@ -233,6 +257,7 @@ class ReplayBuffer:
         try:
             ends = np.asarray(ends_array[:], dtype=np.int64)
         except Exception as exc:
+            _settle_reads()
             raise self._corrupt(f"meta/episode_ends is unreadable ({_describe(exc)})") from None
         if ends.size and (ends[0] < 0 or np.any(np.diff(ends) < 0)):
             bad = 0 if ends[0] < 0 else int(np.argmax(np.diff(ends) < 0)) + 1
@@ -396,6 +421,7 @@ class ReplayBuffer:
         try:
             return np.asarray(arr[start:stop])
         except Exception as exc:
+            _settle_reads()
             raise self._corrupt(
                 f"data/{key} steps {start}:{stop} are unreadable, a chunk file is damaged ({_describe(exc)})"
             ) from None
