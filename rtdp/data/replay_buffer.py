@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from rtdp.data.zarr_io import compressor, describe_error, looks_like_zarr, node_kind, settle_reads
 from rtdp.errors import CorruptStoreError, DatasetError, MissingKeyError
 
 if TYPE_CHECKING:
@@ -70,35 +71,6 @@ def default_chunk_steps(step_shape: tuple[int, ...], dtype: np.dtype) -> int:
     """
     step_bytes = max(1, math.prod(step_shape) * np.dtype(dtype).itemsize)
     return int(min(MAX_CHUNK_STEPS, max(1, TARGET_CHUNK_BYTES // step_bytes)))
-
-
-def _settle_reads(timeout_s: float = 10.0) -> None:
-    """Wait for the chunk reads still in flight on zarr's event loop.
-
-    zarr reads an array's chunks concurrently and a failed read raises while
-    the others are still running; left so, they die at interpreter exit as
-    "Task was destroyed but it is pending!" tracebacks under the one-line error.
-    Waiting for them (their errors are collected by the gather that started
-    them) leaves that line alone on the screen.
-    """
-    import asyncio
-
-    from zarr.core.sync import sync
-
-    async def settle() -> None:
-        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout_s)
-
-    try:
-        sync(settle())
-    except Exception:  # best effort: the store's own error is what gets raised
-        pass
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 class ReplayBuffer:
@@ -161,7 +133,7 @@ class ReplayBuffer:
                     "open it with ReplayBuffer.open(path, mode='a'), pass overwrite=True to replace it, "
                     "or choose another path"
                 )
-            if not _looks_like_zarr(path):
+            if not looks_like_zarr(path):
                 raise DatasetError(
                     f"refusing to overwrite {path}: it is not a zarr store (no zarr.json or .zgroup); "
                     "remove it yourself or choose another path"
@@ -178,7 +150,7 @@ class ReplayBuffer:
         meta = root.create_group("meta")
         meta.create_array(
             "episode_ends", shape=(0,), chunks=(ENDS_CHUNK,), dtype="int64", fill_value=0,
-            compressors=_compressor(3), config={"write_empty_chunks": True},
+            compressors=compressor(3), config={"write_empty_chunks": True},
         )
         return cls(path, "a", chunk_steps=chunk_steps)
 
@@ -229,7 +201,7 @@ class ReplayBuffer:
         else:
             raise self._corrupt("it is not a zarr group (no zarr.json or .zgroup)",
                                 "pass the folder of a zarr store, or create one with ReplayBuffer.create(path)")
-        if _node_kind(path, fmt) == "array":
+        if node_kind(path, fmt) == "array":
             raise self._corrupt("it is a zarr array, not a group",
                                 "pass the store's root folder (the one holding data/ and meta/)")
         self._zarr_format = fmt
@@ -237,7 +209,7 @@ class ReplayBuffer:
         try:
             root = zarr.open_group(store, mode="r" if self._mode == "r" else "r+", zarr_format=fmt)
         except Exception as exc:
-            raise self._corrupt(f"its root metadata is unreadable ({_describe(exc)})") from None
+            raise self._corrupt(f"its root metadata is unreadable ({describe_error(exc)})") from None
         self._root = root
 
         self._expect_node("data", "group")
@@ -257,8 +229,8 @@ class ReplayBuffer:
         try:
             ends = np.asarray(ends_array[:], dtype=np.int64)
         except Exception as exc:
-            _settle_reads()
-            raise self._corrupt(f"meta/episode_ends is unreadable ({_describe(exc)})") from None
+            settle_reads()
+            raise self._corrupt(f"meta/episode_ends is unreadable ({describe_error(exc)})") from None
         if ends.size and (ends[0] < 0 or np.any(np.diff(ends) < 0)):
             bad = 0 if ends[0] < 0 else int(np.argmax(np.diff(ends) < 0)) + 1
             raise self._corrupt(
@@ -270,7 +242,7 @@ class ReplayBuffer:
 
         arrays: dict[str, zarr.Array] = {}
         for child in sorted(p for p in (path / "data").iterdir() if p.is_dir()):
-            kind = _node_kind(child, fmt)
+            kind = node_kind(child, fmt)
             if kind is None:
                 raise self._corrupt(f"data/{child.name} has no zarr metadata file")
             if kind == "group":
@@ -292,7 +264,7 @@ class ReplayBuffer:
         self._arrays = arrays
 
     def _expect_node(self, name: str, kind: str) -> None:
-        found = _node_kind(self._path / name, self._zarr_format)
+        found = node_kind(self._path / name, self._zarr_format)
         if found == "unreadable":
             raise self._corrupt(f"the metadata file of {name} is unreadable")
         if found is None:
@@ -306,7 +278,7 @@ class ReplayBuffer:
         try:
             return self._root[name]
         except Exception as exc:
-            raise self._corrupt(f"the metadata of {name} is unreadable ({_describe(exc)})") from None
+            raise self._corrupt(f"the metadata of {name} is unreadable ({describe_error(exc)})") from None
 
     def _write_config(self) -> Any:
         # zarr skips chunks that equal the fill value unless told otherwise; a
@@ -421,9 +393,9 @@ class ReplayBuffer:
         try:
             return np.asarray(arr[start:stop])
         except Exception as exc:
-            _settle_reads()
+            settle_reads()
             raise self._corrupt(
-                f"data/{key} steps {start}:{stop} are unreadable, a chunk file is damaged ({_describe(exc)})"
+                f"data/{key} steps {start}:{stop} are unreadable, a chunk file is damaged ({describe_error(exc)})"
             ) from None
 
     def get_episode(self, index: int, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -560,7 +532,7 @@ class ReplayBuffer:
                 steps = self._chunk_steps or default_chunk_steps(step_shape, value.dtype)
                 self._arrays[key] = self._data_group.create_array(
                     key, shape=(0, *step_shape), chunks=(steps, *step_shape), dtype=value.dtype,
-                    fill_value=0, compressors=_compressor(fmt),
+                    fill_value=0, compressors=compressor(fmt),
                 )
 
     def _commit_end(self, end: int) -> None:
@@ -579,38 +551,3 @@ class ReplayBuffer:
         grown[n] = end
         ends.resize((n + 1,))
         self._ends = np.append(self._ends, np.int64(end))
-
-
-def _compressor(zarr_format: int) -> Any:
-    # Diffusion Policy's choice: Blosc zstd level 5 with bit-shuffle.
-    if zarr_format == 2:
-        from numcodecs import Blosc
-
-        return Blosc(cname="zstd", clevel=5, shuffle=Blosc.BITSHUFFLE)
-    from zarr.codecs import BloscCodec
-
-    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
-
-
-def _node_kind(folder: Path, zarr_format: int) -> str | None:
-    """``"group"``, ``"array"`` or None, from the metadata files in ``folder``."""
-    if zarr_format == 2:
-        if (folder / ".zarray").is_file():
-            return "array"
-        if (folder / ".zgroup").is_file():
-            return "group"
-        return None
-    meta = folder / "zarr.json"
-    if not meta.is_file():
-        return None
-    import json
-
-    try:
-        kind = json.loads(meta.read_bytes()).get("node_type")
-    except (ValueError, AttributeError):
-        return "unreadable"
-    return kind if kind in ("group", "array") else "unreadable"
-
-
-def _looks_like_zarr(path: Path) -> bool:
-    return path.is_dir() and any((path / f).is_file() for f in ("zarr.json", ".zgroup", ".zarray"))
