@@ -33,6 +33,12 @@ class PolicyFamily:
         settings: named inference settings the family serves beyond the core
             samplers, each mapped to the core sampler it runs (None: the
             family's own sampling), e.g. ``{"edm": "euler", "stream": None}``.
+        per_observation: settings served by a stateful wrapper that keeps a
+            buffer across an episode's calls and returns a few actions per
+            observation instead of a whole chunk (``stream``: Streaming
+            Diffusion Policy), ``{name: factory(policy, steps)}``; the
+            wrapper has ``n_action_steps``, ``last_nfe``, ``reset()`` and
+            ``predict_action_chunk(obs, generator=, rows=)``.
         core_samplers: whether the core samplers (ddpm, ddim, ...) run on it.
         default_setting: the setting a run without ``sampler=`` uses, given the
             policy (default: the config's ``sampler``).
@@ -52,6 +58,7 @@ class PolicyFamily:
     name: str
     policy_class: type
     settings: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+    per_observation: Mapping[str, Callable[[Any, int], Any]] = dataclasses.field(default_factory=dict)
     core_samplers: bool = True
     default_setting: Callable[[Any], str] | None = None
     bench_configs: tuple[str, ...] = ()
@@ -270,6 +277,7 @@ def _register_builtins() -> None:
     from rtdp.policies.consistency import ConsistencyUnetPolicy
     from rtdp.policies.diffusion_unet import DiffusionUnetPolicy
     from rtdp.policies.edm_unet import EdmUnetPolicy
+    from rtdp.policies.streaming import StreamingPolicy
     from rtdp.policies.transformer import TransformerDiffusionPolicy
 
     register_family(PolicyFamily(
@@ -278,6 +286,7 @@ def _register_builtins() -> None:
         description="Diffusion Policy's CNN: 1-D conditional U-Net, DDPM"))
     register_family(PolicyFamily(
         name="edm", policy_class=EdmUnetPolicy, settings={"edm": "euler", "stream": None},
+        per_observation={"stream": StreamingPolicy},
         default_setting=lambda p: "edm" if p.config.sampler == "euler" else p.config.sampler,
         bench_configs=("edm-3", "stream-1", "stream-2"), cli_extras=_SIZE, resolve=_unet_size, unet_sizes=True,
         description="BESO/EDM score policy on the U-Net; few-step and streaming"))

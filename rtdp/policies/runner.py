@@ -116,7 +116,6 @@ class Runner:
                  calibration: Any = None, compile: bool = False, cuda_graph: bool = False,
                  **options: Any) -> None:
         from rtdp.policies.registry import FAMILIES, family_of
-        from rtdp.policies.streaming import StreamingPolicy
 
         self.policy = policy
         self.options = options
@@ -143,15 +142,15 @@ class Runner:
         if deepcache is not None:
             if isinstance(deepcache, bool) or int(deepcache) != deepcache or int(deepcache) < 1:
                 raise ConfigError(f"deepcache must be an interval >= 1, got {deepcache!r}")
-            if name == "stream":
-                raise ConfigError("DeepCache reuses features between the steps of one chunk; streaming makes "
+            if name in family.per_observation:
+                raise ConfigError(f"DeepCache reuses features between the steps of one chunk; {name} makes "
                                   "1-2 network calls per observation on a shifted buffer, so there is nothing to reuse")
         self.name = name
         self.precision = precision
         self.deepcache = deepcache
         self.cache = cache
         self.steps = policy.config.num_inference_steps if steps is None else steps
-        if name != "stream":
+        if name not in family.per_observation:
             self.steps = policy._check_steps(self.steps)
         schedule = None
         if cache is not None:
@@ -160,10 +159,9 @@ class Runner:
         self.cuda_graph = bool(cuda_graph)
         policy = self.policy = policy.with_network(precision, deepcache=deepcache, cache_schedule=schedule,
                                                    compile=self.compile, cuda_graph=self.cuda_graph)
-        self.stream = None
-        if name == "stream":
-            self.stream = StreamingPolicy(policy, self.steps)
-        elif deepcache is not None and self.steps < 2:
+        # a per-observation setting (streaming) serves through its wrapper, which keeps the episode's buffer
+        self.stream = family.per_observation[name](policy, self.steps) if name in family.per_observation else None
+        if self.stream is None and deepcache is not None and self.steps < 2:
             raise ConfigError(f"DeepCache needs >= 2 network calls per chunk to reuse anything; "
                               f"{name}-{self.steps} makes {self.steps}")
         # a named setting runs the core sampler it maps to ("edm": Euler on the EDM policy's Karras schedule),

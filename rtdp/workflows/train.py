@@ -125,7 +125,9 @@ def action_error(policy, batch: dict, sampler: str | None = None, steps: int | N
 
     from rtdp.policies.runner import Runner
 
-    if sampler == "stream":
+    from rtdp.policies.registry import family_of
+
+    if sampler in family_of(policy).per_observation:
         sampler, steps = None, None
     runner = Runner(policy, sampler, steps, seed=seed)
     pred = runner.predict(batch["obs"])
