@@ -32,24 +32,26 @@ run $R/expert_pusht.json $RTDP eval expert=true task=pusht episodes=$EP video=fa
     json=$R/expert_pusht.json
 run $R/pusht.json $RTDP bench checkpoint=$C/pusht/checkpoint checkpoints=[$C/pusht_edm/checkpoint,$C/pusht_cm/checkpoint] \
     configs=[ddpm-100,edm-3,stream-1,stream-2+int8dyn,cm-1] episodes=$EP calls=${N:-20} threads=$T json=$R/pusht.json
-if $PY -c "import robosuite" 2>/dev/null; then
-    run $R/expert_lift.json $RTDP eval expert=true task=lift episodes=$EP video=false out=outputs/readme/expert_lift \
-        json=$R/expert_lift.json
-    run $R/lift.json $RTDP bench checkpoint=$C/lift/checkpoint configs=[ddpm-100,ddpm-100+deepcache3,ddim-10] \
-        episodes=$EP calls=${N:-10} threads=$T json=$R/lift.json
-else
-    echo "readme.sh: robosuite is not installed (pip install -e '.[sim]'): the Lift rows are left out"
-fi
 
-# 2. Diffusion Policy's own network sizes, fresh weights (timing only; their actions mean nothing).
+# 2. Block-wise caching on the shipped PushT transformer (its calibration ships beside it).
+run $R/pusht_transformer.json $RTDP bench checkpoint=$C/pusht_transformer/checkpoint \
+    configs=[ddpm-100,ddpm-100+bac10,ddpm-100+uniform10] episodes=$EP calls=${N:-20} threads=$T json=$R/pusht_transformer.json
+
+# 3. Diffusion Policy's own network sizes, fresh weights (timing only; their actions mean nothing).
 run $R/dp_lowdim.json $RTDP bench size=dp_lowdim configs=[ddpm-100,ddpm-100+deepcache3,edm-3,stream-1,stream-2+int8dyn] \
     calls=${N:-10} warmup=2 threads=$T json=$R/dp_lowdim.json
 run $R/dp_image.json $RTDP bench size=dp_image \
     configs=[ddpm-100,edm-3,stream-1,stream-2+int8dyn,ddim-10,ddim-10+fast,ddim-10+bf16,ddim-10+int8,ddim-10+int8dyn] \
     calls=${N:-5} warmup=2 threads=$T json=$R/dp_image.json
 
-# 3. Block-wise caching on the shipped PushT transformer (its calibration ships beside it).
-run $R/pusht_transformer.json $RTDP bench checkpoint=$C/pusht_transformer/checkpoint \
-    configs=[ddpm-100,ddpm-100+bac10,ddpm-100+uniform10] episodes=$EP calls=${N:-20} threads=$T json=$R/pusht_transformer.json
+# 4. Lift (robosuite): the shipped DDPM policy, with and without DeepCache, and its scripted expert.
+if $PY -c "import robosuite" 2>/dev/null; then
+    run $R/expert_lift.json $RTDP eval expert=true task=lift episodes=$EP video=false out=outputs/readme/expert_lift \
+        json=$R/expert_lift.json
+    run $R/lift.json $RTDP bench checkpoint=$C/lift/checkpoint configs=[ddpm-100,ddpm-100+deepcache3] \
+        episodes=$EP calls=${N:-10} threads=$T json=$R/lift.json
+else
+    echo "readme.sh: robosuite is not installed (pip install -e '.[sim]'): the Lift rows are left out"
+fi
 
 $PY benchmarks/readme_tables.py "$R" | tee "$R/README_tables.md"
