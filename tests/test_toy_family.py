@@ -155,3 +155,26 @@ def test_eval_bench_and_control_run_the_toy_family_on_the_toy_task(trained):
                  "live=false", f"out={trained / 'control'}", f"json={trained / 'control.json'}"]) == 0
     ctl = json.loads((trained / "control.json").read_text())
     assert ctl["driver"] == "sim" and ctl["rate_hz"] == 20.0 and ctl["cycles"] > 0 and ctl["episodes"] == 1
+
+
+def test_a_slow_worker_start_does_not_spend_the_first_episode(trained, monkeypatch):
+    # the toy episode lasts 40 steps (2 s at 20 Hz); a worker that takes longer than that to warm up used to
+    # leave the first episode already over (1 cycle) while the simulator held the robot
+    import time
+
+    from rtdp.cli import main
+    from rtdp.controllers.workers import ThreadWorker
+
+    warmup = ThreadWorker.warmup
+
+    def slow_warmup(self, *args, **kwargs):
+        time.sleep(2.5)
+        return warmup(self, *args, **kwargs)
+
+    monkeypatch.setattr(ThreadWorker, "warmup", slow_warmup)
+    assert main(["control", f"checkpoint={trained / 'run' / 'checkpoint'}", "driver=sim", "episodes=1",
+                 "worker=thread", "threads=1", "live=false", f"out={trained / 'control_slow'}",
+                 f"json={trained / 'control_slow.json'}"]) == 0
+    ep = json.loads((trained / "control_slow.json").read_text())["per_episode"][0]
+    # the episode ran from its reset: to success, or to its 40-step limit
+    assert ep["success"] or ep["cycles"] >= 30, ep  # a few steps pass between the reset and the first cycle

@@ -143,8 +143,9 @@ class Runner:
             if isinstance(deepcache, bool) or int(deepcache) != deepcache or int(deepcache) < 1:
                 raise ConfigError(f"deepcache must be an interval >= 1, got {deepcache!r}")
             if name in family.per_observation:
-                raise ConfigError(f"DeepCache reuses features between the steps of one chunk; {name} makes "
-                                  "1-2 network calls per observation on a shifted buffer, so there is nothing to reuse")
+                raise ConfigError(f"DeepCache reuses features between the steps of one chunk; {name} is served per "
+                                  "observation (streaming: 1-2 network calls on a shifted buffer), so there is "
+                                  "nothing to reuse")
         self.name = name
         self.precision = precision
         self.deepcache = deepcache

@@ -379,7 +379,9 @@ def run_control(cfg) -> dict[str, Any]:
             rt = realtime_priority(int(cfg.rt_priority))
             with LiveView(live_on, title) as view, rt:
                 for n, seed in enumerate(seeds):
-                    if n > 0:
+                    if cfg.driver == "sim":
+                        # every episode, the first included, starts now: the simulator kept stepping (holding)
+                        # while the worker started, and that must not spend the episode's step budget
                         first = driver.reset(seed)
                     loop = RateLoop(rate, clock)
                     if ctl is None:
