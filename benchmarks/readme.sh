@@ -4,6 +4,7 @@
 # caption. README.md's tables are pasted from benchmarks/results/readme/README_tables.md.
 #
 #   bash benchmarks/readme.sh            # about 25 minutes on 2 cores; Lift rows need the sim extra (robosuite)
+#   LIFT=0 bash benchmarks/readme.sh     # without the Lift rows (their robosuite rollouts take about 10 of those minutes)
 #
 # Every step writes a JSON report (rtdp's json=PATH contract) under benchmarks/results/readme/ and is skipped
 # when that report exists, so an interrupted run resumes; delete the folder to measure again. Nothing else
@@ -45,7 +46,9 @@ run $R/dp_image.json $RTDP bench size=dp_image \
     calls=${N:-5} warmup=2 threads=$T json=$R/dp_image.json
 
 # 4. Lift (robosuite): the shipped DDPM policy, with and without DeepCache, and its scripted expert.
-if $PY -c "import robosuite" 2>/dev/null; then
+if [ "${LIFT:-1}" = 0 ]; then
+    echo "readme.sh: LIFT=0: the Lift rows are left out"
+elif $PY -c "import robosuite" 2>/dev/null; then
     run $R/expert_lift.json $RTDP eval expert=true task=lift episodes=$EP video=false out=outputs/readme/expert_lift \
         json=$R/expert_lift.json
     run $R/lift.json $RTDP bench checkpoint=$C/lift/checkpoint configs=[ddpm-100,ddpm-100+deepcache3] \
