@@ -60,9 +60,7 @@ def test_every_shipped_checkpoint_has_goldens():
 
 @pytest.mark.parametrize("name,case,kwargs,calls", record.CASES, ids=[f"{c[0]}/{c[1]}" for c in record.CASES])
 def test_actions_match_the_goldens(name, case, kwargs, calls):
-    from rtdp.policies import load_policy
-
-    policy = load_policy(record.checkpoint_dir(name))
+    policy = record.load(name)
     got = record.inpaint_case(policy) if case.endswith("+inpaint") else record.run_case(policy, kwargs, calls)
     _check(name, f"{name}/{case}", got)
 

@@ -47,15 +47,32 @@ CASES: list[tuple[str, str, dict, int]] = [
     ("pusht_edm", "stream-2", {"sampler": "stream", "steps": 2}, 3),
     ("pusht_cm", "cm-1", {"sampler": "cm", "steps": 1}, 1),
     ("pusht_cm", "cm-2", {"sampler": "cm", "steps": 2}, 1),
+    ("pusht_transformer", "ddpm-100", {"sampler": "ddpm", "steps": 100}, 1),
+    ("pusht_transformer", "ddpm-100+bac10", {"sampler": "ddpm", "steps": 100, "cache": "bac10",
+                                             "calibration": "bac_ddpm-100.json"}, 1),
     ("transformer_tiny", "ddpm-20", {"sampler": "ddpm", "steps": 20}, 1),
     ("transformer_tiny", "ddim-10", {"sampler": "ddim", "steps": 10}, 1),
     ("transformer_tiny", "ddpm-20+uniform5", {"sampler": "ddpm", "steps": 20, "cache": "uniform5"}, 1),
 ]
 BATCH = 2
+LOSS_CHECKPOINTS = ("pusht", "pusht_edm", "transformer_tiny")
 
 
 def checkpoint_dir(name: str) -> Path:
     return TINY_TRANSFORMER if name == "transformer_tiny" else CHECKPOINTS / name / "checkpoint"
+
+
+def load(name: str):
+    """The policy of a case's checkpoint, knowing its folder (for files shipped beside it)."""
+    from rtdp.policies import load_policy
+
+    policy = load_policy(checkpoint_dir(name))
+    policy._golden_name = name
+    return policy
+
+
+def policy_dir(policy) -> Path:
+    return checkpoint_dir(policy._golden_name)
 
 
 def machine() -> str:
@@ -88,6 +105,10 @@ def run_case(policy, kwargs: dict, calls: int, seed: int = 0) -> torch.Tensor:
     """Actions of ``calls`` successive calls with one setting, stacked (calls, B, Ta, Da)."""
     from rtdp.policies.runner import Runner
 
+    if "calibration" in kwargs:  # the BAC calibration shipped beside the checkpoint
+        from rtdp.core.bac import BacCalibration
+
+        kwargs = {**kwargs, "calibration": BacCalibration.load(policy_dir(policy) / kwargs["calibration"])}
     runner = Runner(policy, seed=seed, **kwargs)
     cfg = policy.config
     noise = torch.randn((BATCH, cfg.horizon, cfg.action_dim), generator=torch.Generator().manual_seed(seed + 1),
@@ -135,7 +156,7 @@ def loss_cases() -> dict[str, torch.Tensor]:
     from rtdp.policies import load_policy
 
     out = {}
-    for name in ("pusht", "pusht_edm", "transformer_tiny"):
+    for name in LOSS_CHECKPOINTS:
         policy = load_policy(checkpoint_dir(name))
         cfg = policy.config
         obs = observations(policy, batch=4, seed=7)
@@ -150,27 +171,39 @@ def loss_cases() -> dict[str, torch.Tensor]:
     return out
 
 
-def record_all() -> dict[str, torch.Tensor]:
-    from rtdp.policies import load_policy
-
+def record_all(skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Every case (and the losses) whose key is not in ``skip``."""
     torch.set_num_threads(1)
     tensors: dict[str, torch.Tensor] = {}
     for name, case, kwargs, calls in CASES:
-        policy = load_policy(checkpoint_dir(name))
+        if f"{name}/{case}" in skip:
+            continue
+        policy = load(name)
         if case.endswith("+inpaint"):
             tensors[f"{name}/{case}"] = inpaint_case(policy)
         else:
             tensors[f"{name}/{case}"] = run_case(policy, kwargs, calls)
-    tensors.update(loss_cases())
+    if not {f"{n}/loss" for n in LOSS_CHECKPOINTS} <= skip:
+        tensors.update(loss_cases())
     return tensors
 
 
 def main() -> int:
+    """Record every case; ``--add`` keeps the recorded ones and records only the cases not in the file yet
+    (a newly shipped checkpoint), on the machine that recorded the rest."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     if not TINY_TRANSFORMER.exists() or "--new-transformer" in sys.argv:
         make_tiny_transformer()
-    tensors = record_all()
+    kept: dict[str, torch.Tensor] = {}
+    if "--add" in sys.argv:
+        with safe_open(str(GOLDEN_FILE), framework="pt") as f:
+            if f.metadata()["machine"] != machine():
+                print(f"--add records on the goldens' machine ({f.metadata()['machine']}), not {machine()}")
+                return 2
+            kept = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {**kept, **record_all(skip=set(kept))}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(GOLDEN_FILE), metadata={"machine": machine()})
     print(f"wrote {len(tensors)} golden cases to {GOLDEN_FILE} ({machine()})")
     return 0
