@@ -3,8 +3,8 @@
 # marked "timing, fresh weights"), then print the tables as markdown with the CPU and torch version in the
 # caption. README.md's tables are pasted from benchmarks/results/readme/README_tables.md.
 #
-#   bash benchmarks/readme.sh            # about 25 minutes on 2 cores; Lift rows need the sim extra (robosuite)
-#   LIFT=0 bash benchmarks/readme.sh     # without the Lift rows (their robosuite rollouts take about 10 of those minutes)
+#   bash benchmarks/readme.sh            # 9 minutes on a 2-core Xeon; Lift rows need the sim extra (robosuite)
+#   LIFT=0 bash benchmarks/readme.sh     # without the Lift rows (their robosuite rollouts take 2 of those minutes)
 #
 # Every step writes a JSON report (rtdp's json=PATH contract) under benchmarks/results/readme/ and is skipped
 # when that report exists, so an interrupted run resumes; delete the folder to measure again. Nothing else

@@ -54,6 +54,9 @@ def _millions(checkpoint: Path) -> float:
 
 
 def _shipped(checkpoint: str | None) -> str:
+    """The shipped checkpoint's folder name; a fresh network (``fresh:<size>``) by its size."""
+    if checkpoint and str(checkpoint).startswith("fresh:"):
+        return f"fresh {str(checkpoint)[6:]}"
     return Path(checkpoint).parent.name if checkpoint else "fresh"
 
 
