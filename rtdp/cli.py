@@ -125,8 +125,9 @@ def task_name(cfg) -> str | None:
 def _print_verb_help(verb: str, overrides: list[str]) -> int:
     from rtdp.cli_help import verb_help
 
-    compose(verb, [o for o in overrides if o.split("=", 1)[0] in ("task", "policy")], check_missing=False)
-    print(verb_help(verb, [o for o in overrides if o.split("=", 1)[0] in ("task", "policy")], USAGE, CONFIG_DIR))
+    groups = [o for o in overrides if o.split("=", 1)[0] in ("task", "policy")]  # the keys help follows
+    compose(verb, groups, check_missing=False)  # an unknown verb, task or family: the typed error
+    print(verb_help(verb, groups, USAGE, CONFIG_DIR))
     return 0
 
 
