@@ -1,6 +1,14 @@
 """The acceleration core: schedules, denoiser wrappers and samplers (torch only)."""
 
 from rtdp.core.accelerate import accelerate
+from rtdp.core.anchors import (
+    anchored_start,
+    anchored_start_rows,
+    kmeans,
+    nearest_centre,
+    sigmas_truncated,
+    truncated_timesteps,
+)
 from rtdp.core.denoiser import PREDICTION_TYPES, DiscreteEpsDenoiser
 from rtdp.core.fastnet import PRECISIONS, bf16_supported, fast_network, weight_bytes
 from rtdp.core.samplers import (
@@ -43,6 +51,12 @@ from rtdp.core.schedules import (
 
 __all__ = [
     "accelerate",
+    "anchored_start",
+    "anchored_start_rows",
+    "kmeans",
+    "nearest_centre",
+    "sigmas_truncated",
+    "truncated_timesteps",
     "PRECISIONS",
     "bf16_supported",
     "fast_network",
