@@ -122,6 +122,24 @@ def task_name(cfg) -> str | None:
     return str(task.name)
 
 
+def _task_handler(verb: str, cfg):
+    """The task's own function for ``verb`` (``TaskSpec.verbs``), for the task named on the command line or,
+    failing that, the one the checkpoint was trained on; None for the shared workflow."""
+    import json
+
+    from rtdp.envs import get_task
+
+    name = task_name(cfg)
+    checkpoint = cfg.get("checkpoint")
+    if name is None and checkpoint:
+        meta = Path(str(checkpoint)) / "meta.json"
+        try:
+            name = json.loads(meta.read_text()).get("task") if meta.is_file() else None
+        except (OSError, ValueError):
+            name = None  # the shared workflow reports the unreadable checkpoint
+    return get_task(name).handler(verb) if name else None
+
+
 def _print_verb_help(verb: str, overrides: list[str]) -> int:
     from rtdp.cli_help import verb_help
 
@@ -149,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         if wants_help:
             return _print_verb_help(verb, overrides)
         cfg = compose(verb, overrides)
-        module = importlib.import_module(f"rtdp.workflows.{verb}")
-        module.run(cfg)
+        handler = _task_handler(verb, cfg)
+        if handler is not None:
+            handler(cfg)
+        else:
+            importlib.import_module(f"rtdp.workflows.{verb}").run(cfg)
     except RtdpError as exc:
         print(f"rtdp {verb}: error: {exc}", file=sys.stderr)
         return 2

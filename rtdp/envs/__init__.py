@@ -59,6 +59,10 @@ class TaskSpec:
             simulator). ``""`` if the task has none; :meth:`hold` then raises.
         video_fps: frame rate of rollout videos; None (the default) means
             ``control_rate_hz``, one frame per control step shown in real time.
+        verbs: CLI verbs this task runs its own way, ``{verb: "module:function"}``
+            taking the verb's config (a driving task is scored on logged scenes,
+            not on episodes: ``rtdp collect/eval/bench task=highway``); the
+            other verbs run the shared workflows.
     """
 
     name: str
@@ -74,6 +78,7 @@ class TaskSpec:
     control_rate_hz: float = 10.0
     hold_action: str | Callable[[dict[str, np.ndarray]], np.ndarray] = ""
     video_fps: float | None = None
+    verbs: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.control_rate_hz > 0:
@@ -86,6 +91,21 @@ class TaskSpec:
             raise ConfigError(
                 f"task {self.name!r}: hold_action must be 'module:function' or a callable; got {self.hold_action!r}"
             )
+
+    def handler(self, verb: str) -> Callable[[Any], Any] | None:
+        """The function that runs ``rtdp <verb>`` for this task, or None for the shared workflow.
+
+        Raises:
+            ConfigError: the named function cannot be imported.
+        """
+        target = self.verbs.get(verb)
+        if not target:
+            return None
+        module, attr = target.split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ModuleNotFoundError, AttributeError) as exc:
+            raise ConfigError(f"task {self.name!r}: rtdp {verb} handler {target!r} cannot be loaded: {exc}") from exc
 
     def hold(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """The action that keeps the robot still at observation ``obs`` (see ``hold_action``).
@@ -230,4 +250,22 @@ register_task(
         hold_action="rtdp.envs.lift:hold_action",
     ),
     entry_point="rtdp.envs.lift:LiftEnv",
+)
+# Driving scenes on highway-env (the ``drive`` extra): a planner is trained and scored on logged scenes
+# (rtdp.workflows.drive), and drives the ego in closed loop through the same gymnasium environment.
+register_task(
+    TaskSpec(
+        name="highway",
+        env_id="rtdp/Highway-v0",
+        env_kwargs={"scenario": "mixed"},
+        lowdim_keys=("ego_state", "ego_past", "command", "agents", "lanes"),
+        action_dim=2,
+        max_steps=300,
+        expert="rtdp.envs.highway:HighwayExpert",
+        control_rate_hz=10.0,
+        hold_action="rtdp.envs.highway:hold_action",
+        verbs={"collect": "rtdp.workflows.drive:run_collect", "eval": "rtdp.workflows.drive:run_eval",
+               "bench": "rtdp.workflows.drive:run_bench"},
+    ),
+    entry_point="rtdp.envs.highway:HighwayEnv",
 )
