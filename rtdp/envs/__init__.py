@@ -265,7 +265,7 @@ register_task(
         control_rate_hz=10.0,
         hold_action="rtdp.envs.highway:hold_action",
         verbs={"collect": "rtdp.workflows.drive:run_collect", "eval": "rtdp.workflows.drive:run_eval",
-               "bench": "rtdp.workflows.drive:run_bench"},
+               "bench": "rtdp.workflows.drive:run_bench", "control": "rtdp.workflows.drive:run_control"},
     ),
     entry_point="rtdp.envs.highway:HighwayEnv",
 )

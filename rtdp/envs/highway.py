@@ -192,6 +192,10 @@ class HighwayEnv(gymnasium.Env):
             episode is ``SCENARIOS[seed % 4]``.
         render_mode: ``"rgb_array"`` for ``render()``.
         duration_s: episode length (default per scenario: 30/15/20/18 s).
+        observe: build the observation on every step; False returns an empty
+            dict from ``reset``/``step`` and leaves it to :meth:`observation`
+            (scene logging and a planner that replans every few steps skip the
+            lane geometry of the steps in between).
 
     Observation: the scene keys ``OBS_KEYS`` at the current step (past poses
     padded with the first pose at the start). Action: ``(2,)`` acceleration
@@ -203,7 +207,8 @@ class HighwayEnv(gymnasium.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": SIM_HZ}
 
     def __init__(self, scenario: str = "mixed", render_mode: str | None = None,
-                 duration_s: float | None = None) -> None:
+                 duration_s: float | None = None, observe: bool = True) -> None:
+        self.observe = bool(observe)
         _require_highway_env()
         self.scenario_setting = scenario_of(scenario)
         self.render_mode = render_mode
@@ -265,7 +270,7 @@ class HighwayEnv(gymnasium.Env):
         self.crashed = self.offroad = False
         self.log = []
         self._record()
-        return self._observation(len(self.log) - 1), self._info()
+        return self._maybe_observation(), self._info()
 
     def step(self, action):
         a = np.asarray(action, dtype=np.float64).reshape(-1)
@@ -282,7 +287,14 @@ class HighwayEnv(gymnasium.Env):
         self._record()
         terminated = self.crashed or self.offroad
         truncated = self.steps >= int(round(self._duration() * SIM_HZ))
-        return self._observation(len(self.log) - 1), self.progress, terminated, truncated, self._info()
+        return self._maybe_observation(), self.progress, terminated, truncated, self._info()
+
+    def observation(self) -> dict[str, np.ndarray]:
+        """The observation (``OBS_KEYS``) at the current step."""
+        return self._observation(len(self.log) - 1)
+
+    def _maybe_observation(self) -> dict[str, np.ndarray]:
+        return self.observation() if self.observe else {}
 
     def _duration(self) -> float:
         return float(self.duration_s or _DURATION_S[self.scenario])
@@ -490,7 +502,15 @@ class HighwayEnv(gymnasium.Env):
 
 def expert_episode(env: HighwayEnv, seed: int) -> list[dict[str, np.ndarray]]:
     """Drive one episode with the scripted expert and return its scenes (empty if it crashed early)."""
-    env.reset(seed=seed)
+    observe, env.observe = env.observe, False  # the scenes are cut from the log afterwards
+    try:
+        env.reset(seed=seed)
+        return _drive_expert(env)
+    finally:
+        env.observe = observe
+
+
+def _drive_expert(env: HighwayEnv) -> list[dict[str, np.ndarray]]:
     expert = HighwayExpert(env)
     while True:
         _, _, terminated, truncated, _ = env.step(expert.act(None))

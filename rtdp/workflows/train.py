@@ -27,6 +27,10 @@ from rtdp.errors import CheckpointError, ConfigError, DatasetError
 STATE_DIR = "train_state"
 
 
+# what a checkpoint's error on fixed training windows is logged as: an action policy's MSE, a planner's distance
+ERROR_KEYS = {"action_mse", "plan_ade_m"}
+
+
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
     """Linear warm-up then cosine decay to zero (diffusers' cosine schedule)."""
     if step < warmup:
@@ -179,6 +183,7 @@ def _plot_curves(out: Path, log: list[dict], threads: int) -> None:
     losses = [r for r in log if "loss" in r]
     evals = [r for r in log if "eval_score" in r]
     errors = [r for r in log if "action_mse" in r]
+    plan_errors = [r for r in log if "plan_ade_m" in r]
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
     ax = axes[0, 0]
     if losses:
@@ -197,6 +202,12 @@ def _plot_curves(out: Path, log: list[dict], threads: int) -> None:
                       label="action error (MSE to demos)")
             twin.set_yscale("log")
             twin.set_ylabel("action error, normalised units")
+            twin.legend(loc="upper right")
+        if plan_errors:
+            twin = ax.twinx()
+            twin.plot([r["step"] for r in plan_errors], [r["plan_ade_m"] for r in plan_errors], "k.-",
+                      label="plan error (m to the expert)")
+            twin.set_ylabel("plan error, metres")
             twin.legend(loc="upper right")
         ax.legend(loc="upper left")
     if evals:
@@ -243,6 +254,8 @@ def train(cfg) -> dict[str, Any]:
     torch.manual_seed(int(cfg.seed))
     np_rng = np.random.default_rng(int(cfg.seed))
     model = build_policy(task, cfg.policy, arrays, stats)
+    if hasattr(model, "from_data") and not (cfg.resume and state_dir.exists()):
+        model.from_data(arrays, int(cfg.seed))  # data-derived parts of the model (a planner's k-means anchors)
     policy_config = model.config
     # The EMA copy only samples (evaluation, action error, checkpoints): eval mode, so dropout is off there.
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -306,11 +319,17 @@ def train(cfg) -> dict[str, Any]:
 
     def checkpoint() -> None:
         # once per step: the final evaluation checkpoints again at the step the loop just saved
-        if err_batch is not None and not any(r.get("step") == step and "action_mse" in r for r in log[-3:]):
-            err = action_error(ema, err_batch, cfg.eval_sampler,
-                               None if cfg.eval_steps is None else int(cfg.eval_steps), seed=int(cfg.seed))
-            log.append({"step": step, "time_s": round(train_time, 1), "action_mse": err})
-            bar.write(f"step {step}: action error {err:.3e} (MSE to the demonstrations, {n_err} training windows)")
+        if err_batch is not None and not any(r.get("step") == step and ERROR_KEYS & set(r) for r in log[-3:]):
+            if hasattr(ema, "plan_error"):  # a planner: mean distance of its plans to the expert's, metres
+                err = ema.plan_error(err_batch)
+                log.append({"step": step, "time_s": round(train_time, 1), "plan_ade_m": err})
+                bar.write(f"step {step}: plan error {err:.2f} m (mean distance to the expert's poses, "
+                          f"{n_err} training scenes)")
+            else:
+                err = action_error(ema, err_batch, cfg.eval_sampler,
+                                   None if cfg.eval_steps is None else int(cfg.eval_steps), seed=int(cfg.seed))
+                log.append({"step": step, "time_s": round(train_time, 1), "action_mse": err})
+                bar.write(f"step {step}: action error {err:.3e} (MSE to the demonstrations, {n_err} training windows)")
         save_weights(out / "checkpoint")
         _save_state(state_dir, model, ema, opt, step, np_rng, {"train_time_s": train_time, "log": log, "run": run_info})
         _plot_curves(out, log, int(cfg.threads))
@@ -372,9 +391,10 @@ def train(cfg) -> dict[str, Any]:
         evaluate()
         checkpoint()
     summary = {**run_info, "train_steps": step, "train_time_s": round(train_time, 1), "checkpoint": str(out / "checkpoint")}
-    errors = [r["action_mse"] for r in log if "action_mse" in r]
-    if errors:
-        summary["action_mse"] = errors[-1]
+    for key in ERROR_KEYS:
+        errors = [r[key] for r in log if key in r]
+        if errors:
+            summary[key] = errors[-1]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"trained {step} steps in {train_time / 60:.1f} min on {run_info['n_episodes']} episodes; "
           f"checkpoint: {out / 'checkpoint'}, curves: {out / 'curves.png'}")
