@@ -20,6 +20,12 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
         || { tail -n 20 "$LOG"; exit 1; }
 fi
 
-echo "[setup] installing rtdp[sim,hw,dev] (log: $LOG)"
-"${PIP[@]}" install -e ".[sim,hw,dev]" >>"$LOG" 2>&1 || { tail -n 20 "$LOG"; exit 1; }
-.venv/bin/python -c "import rtdp, torch, zarr, gymnasium, gym_pusht; print('[setup] ok: torch', torch.__version__)"
+echo "[setup] installing rtdp[sim,hw,drive,dev] (log: $LOG)"
+"${PIP[@]}" install -e ".[sim,hw,drive,dev]" >>"$LOG" 2>&1 || { tail -n 20 "$LOG"; exit 1; }
+# gym-pusht wants pygame and highway-env pygame-ce; both write the same pygame/ folder. pygame installed
+# last, over it, leaves both environments working (uninstalling either would break the module).
+if ! .venv/bin/python -m pip show -q pygame >/dev/null 2>&1 || [ ! -f .venv/.pygame-last ]; then
+    "${PIP[@]}" install --force-reinstall --no-deps "pygame==2.6.1" >>"$LOG" 2>&1 || { tail -n 20 "$LOG"; exit 1; }
+    touch .venv/.pygame-last
+fi
+.venv/bin/python -c "import rtdp, torch, zarr, gymnasium, gym_pusht, highway_env; print('[setup] ok: torch', torch.__version__)"

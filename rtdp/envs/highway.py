@@ -34,9 +34,11 @@ SIM_HZ = 10  # simulation and control rate; one logged step per env.step
 PLAN_STEPS, PLAN_DT = 8, 0.5  # the plan: 8 poses at 2 Hz (4 s)
 PAST_STEPS = 4  # ego poses at -2.0 .. -0.5 s
 FUTURE_STEPS = 41  # agent futures at 0.0 .. 4.0 s, 10 Hz
-N_AGENTS, N_LANES, LANE_POINTS = 16, 24, 16
-ROUTE_POINTS, ROUTE_SPACING = 20, 5.0
-LANE_BEHIND, LANE_AHEAD = 15.0, 60.0  # metres of each lane sampled around the ego's projection
+N_AGENTS, N_LANES, LANE_POINTS = 16, 64, 20
+ROUTE_POINTS, ROUTE_SPACING = 32, 5.0
+# metres of each lane sampled around the ego's projection: a 4 s plan at 30 m/s ends 120 m ahead, and the
+# drivable area (the lane corridors) must reach it
+LANE_BEHIND, LANE_AHEAD = 20.0, 130.0
 AGENT_RANGE = 80.0
 SCENE_EVERY_S = 1.0
 COMMANDS = ("left", "straight", "right", "unknown")
@@ -61,11 +63,12 @@ _SCENARIO_CFG: dict[str, dict[str, Any]] = {
     "highway": dict(env_id="highway-v0", speeds=(20.0, 30.0), limit=30.0,
                     config={"lanes_count": 4, "vehicles_count": 20, "duration": 30, "vehicles_density": 1.2}),
     "merge": dict(env_id="merge-v0", speeds=(18.0, 28.0), limit=30.0, config={}),
-    "roundabout": dict(env_id="roundabout-v0", speeds=(8.0, 14.0), limit=16.0, config={"duration": 20}),
-    "intersection": dict(env_id="intersection-v0", speeds=(5.0, 9.0), limit=10.0,
+    # curves: a person keeps the lateral acceleration v^2 / r under ~3 m/s^2 (roundabout r ~ 20 m, turns ~ 10 m)
+    "roundabout": dict(env_id="roundabout-v0", speeds=(5.0, 8.0), limit=10.0, config={}),
+    "intersection": dict(env_id="intersection-v0", speeds=(3.0, 6.0), limit=8.0,
                          config={"duration": 18, "initial_vehicle_count": 8, "spawn_probability": 0.5}),
 }
-_DURATION_S = {"highway": 30.0, "merge": 15.0, "roundabout": 20.0, "intersection": 18.0}
+_DURATION_S = {"highway": 30.0, "merge": 15.0, "roundabout": 14.0, "intersection": 18.0}
 ACC_RANGE = (-6.0, 6.0)
 STEER_RANGE = (-math.pi / 3, math.pi / 3)
 
@@ -106,7 +109,11 @@ def _ego_vehicle_class():
         COMFORT_ACC_MAX = 2.0
         COMFORT_ACC_MIN = -3.5
         LANE_CHANGE_DELAY = 1.0
+        LANE_CHANGE_COOLDOWN = 5.0  # s after a lane change before the next is considered: no zig-zag
         JERK_MAX = 3.0  # m/s^3, rate limit on the commanded acceleration
+        # softer lateral and heading loops than highway-env's (0.6 s / 0.2 s): a lane change takes ~3 s
+        KP_LATERAL = 1 / 1.5
+        KP_HEADING = 1 / 0.4
 
         def act(self, action: dict | str | None = None) -> None:
             if isinstance(action, dict):
@@ -120,6 +127,7 @@ def _ego_vehicle_class():
             self.speed_timer = 0.0
             self.last_acc = 0.0
             self.timer = 0.0
+            self.since_change = 0.0
 
         def change_lane_policy(self) -> None:
             # a lane change in progress runs to its end; otherwise once a second, maybe, a safe side lane at random
@@ -128,12 +136,15 @@ def _ego_vehicle_class():
             if not utils.do_every(self.LANE_CHANGE_DELAY, self.timer):
                 return
             self.timer = 0
-            if self.rng.random() > 0.25 or abs(self.speed) < 1:
+            if self.rng.random() > 0.25 or abs(self.speed) < 1 or self.since_change < self.LANE_CHANGE_COOLDOWN:
+                return
+            if abs(self.lane.local_coordinates(self.position)[1]) > 0.5:  # not settled in the lane yet
                 return
             options = [li for li in self.road.network.side_lanes(self.lane_index)
                        if self.road.network.get_lane(li).is_reachable_from(self.position) and self._safe_change(li)]
             if options:
                 self.target_lane_index = options[int(self.rng.integers(len(options)))]
+                self.since_change = 0.0
 
         def _safe_change(self, lane_index) -> bool:
             # MOBIL's safety criterion: the new follower must not brake harder than b_safe, nor the ego
@@ -147,6 +158,7 @@ def _ego_vehicle_class():
         def expert_action(self, dt: float) -> dict[str, float]:
             """One control step of the scripted expert: random speed / lane choices, IDM, lane keeping."""
             self.speed_timer += dt
+            self.since_change += dt
             if self.speed_timer >= 3.0:  # every 3 s: slower, keep or faster, within the scenario's range
                 self.speed_timer = 0.0
                 self.target_speed = float(np.clip(self.target_speed + self.rng.choice([-4.0, 0.0, 4.0]),
@@ -165,6 +177,7 @@ def _ego_vehicle_class():
             step = self.JERK_MAX * dt
             if acc > -4.0:  # emergency braking is not rate-limited
                 acc = float(np.clip(acc, self.last_acc - step, self.last_acc + step))
+            acc = max(acc, -self.speed / dt)  # brake to a stop, never into reverse
             self.last_acc = acc
             return {"acceleration": acc, "steering": steering}
 
@@ -191,7 +204,7 @@ class HighwayEnv(gymnasium.Env):
         scenario: one of ``SCENARIOS``, or ``"mixed"``: the scenario of an
             episode is ``SCENARIOS[seed % 4]``.
         render_mode: ``"rgb_array"`` for ``render()``.
-        duration_s: episode length (default per scenario: 30/15/20/18 s).
+        duration_s: episode length (default per scenario: 30/15/14/18 s).
         observe: build the observation on every step; False returns an empty
             dict from ``reset``/``step`` and leaves it to :meth:`observation`
             (scene logging and a planner that replans every few steps skip the
@@ -390,34 +403,59 @@ class HighwayEnv(gymnasium.Env):
         origin, heading = self._ego_pose(i)
         network = self.inner.road.network
         found = []
-        offsets = np.linspace(-LANE_BEHIND, LANE_AHEAD, LANE_POINTS)
         for _from, tos in network.graph.items():
             for _to, lanes in tos.items():
                 for lane in lanes:
                     s0, _ = lane.local_coordinates(origin)
-                    s = s0 + offsets
-                    inside = (s >= 0) & (s <= lane.length)
-                    if not inside.any():
-                        s_near = np.clip(s, 0, lane.length)
-                    else:
-                        s_near = s
-                    pts = np.array([lane.position(float(si), 0.0) for si in np.clip(s_near, 0, lane.length)])
-                    dist = np.min(np.hypot(*(pts - origin).T))
-                    if dist > LANE_AHEAD or not inside.any():
+                    lo, hi = max(0.0, s0 - LANE_BEHIND), min(lane.length, s0 + LANE_AHEAD)
+                    if hi <= lo:
+                        continue  # the lane lies wholly outside the window along its own length
+                    # evenly over the part in the window, both ends included, so that consecutive lanes join
+                    # and a short curved piece (a roundabout's) keeps its shape
+                    s = np.linspace(lo, hi, LANE_POINTS)
+                    pts = np.array([lane.position(float(si), 0.0) for si in s])
+                    dist = float(np.min(np.hypot(*(pts - origin).T)))
+                    if dist > LANE_AHEAD:
                         continue
-                    half = np.array([lane.width_at(float(si)) / 2 for si in np.clip(s, 0, lane.length)])
+                    half = np.array([lane.width_at(float(si)) / 2 for si in s])
                     rel = _to_frame(pts, origin, heading)
-                    found.append((dist, np.concatenate([rel, half[:, None], inside[:, None]], axis=1)))
+                    found.append((dist, np.concatenate([rel, half[:, None], np.ones((LANE_POINTS, 1))], axis=1)))
+                    if hi >= lane.length - 1e-6:
+                        found += self._connectors(network, lane, _to, origin, heading)
         found.sort(key=lambda t: t[0])
         lanes = np.zeros((N_LANES, LANE_POINTS, 4), np.float32)
         for row, (_, arr) in enumerate(found[:N_LANES]):
-            lanes[row] = arr * arr[:, 3:4]  # invalid points all zero
+            lanes[row] = arr
         route = self._route_points(entry, origin, heading)
         command = np.zeros(len(COMMANDS), np.float32)
         turn = math.atan2(route[-1, 1] - route[-2, 1], route[-1, 0] - route[-2, 0])
         command[0 if turn > math.radians(30) else 2 if turn < -math.radians(30) else 1] = 1.0
         entry["lanes"], entry["route"], entry["command"] = lanes, route, command
         return lanes, route, command
+
+    @staticmethod
+    def _connectors(network, lane, node: str, origin: np.ndarray, heading: float) -> list:
+        """Short corridors from a lane's end to the start of each lane leaving ``node`` where the two do not meet.
+
+        highway-env's roundabout and intersection pieces leave gaps of a few
+        metres at their joints (its vehicles steer across them); the paved
+        surface is continuous, so the drivable area bridges them.
+        """
+        end = np.asarray(lane.position(lane.length, 0.0), dtype=np.float64)
+        width = lane.width_at(lane.length) / 2
+        out = []
+        for nxt_lanes in network.graph.get(node, {}).values():
+            for nxt in nxt_lanes:
+                start = np.asarray(nxt.position(0.0, 0.0), dtype=np.float64)
+                gap = float(np.hypot(*(start - end)))
+                if gap < 0.5 or gap > 15.0:
+                    continue
+                pts = end + np.linspace(0.0, 1.0, LANE_POINTS)[:, None] * (start - end)
+                rel = _to_frame(pts, origin, heading)
+                half = np.full((LANE_POINTS, 1), max(width, nxt.width_at(0.0) / 2))
+                dist = float(np.min(np.hypot(*(pts - origin).T)))
+                out.append((dist, np.concatenate([rel, half, np.ones((LANE_POINTS, 1))], axis=1)))
+        return out
 
     def _route_points(self, entry: dict, origin: np.ndarray, heading: float) -> np.ndarray:
         """Points every ``ROUTE_SPACING`` m along the ego's lane and the lanes its route continues on.
