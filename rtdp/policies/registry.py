@@ -277,6 +277,7 @@ def _register_builtins() -> None:
     from rtdp.policies.consistency import ConsistencyUnetPolicy
     from rtdp.policies.diffusion_unet import DiffusionUnetPolicy
     from rtdp.policies.edm_unet import EdmUnetPolicy
+    from rtdp.policies.planner import AnchorPlanner, DiffusionPlanner, RegressionPlanner
     from rtdp.policies.streaming import StreamingPolicy
     from rtdp.policies.transformer import TransformerDiffusionPolicy
 
@@ -302,6 +303,19 @@ def _register_builtins() -> None:
         name="transformer", policy_class=TransformerDiffusionPolicy,
         bench_configs=("ddpm-100", "ddpm-100+bac10", "ddpm-100+uniform10", "ddim-10"),
         description="Diffusion Policy's transformer (TransformerForDiffusion), DDPM"))
+
+    register_family(PolicyFamily(
+        name="anchor", policy_class=AnchorPlanner, settings={"anchor": None}, core_samplers=False,
+        default_setting=lambda p: "anchor", bench_configs=("anchor-2",),
+        description="DiffusionDrive driving planner: truncated diffusion from k-means anchors, 2 DDIM steps"))
+    register_family(PolicyFamily(
+        name="diffusion_plan", policy_class=DiffusionPlanner, settings={"ddim": None}, core_samplers=False,
+        default_setting=lambda p: "ddim", bench_configs=("ddim-20", "ddim-2"),
+        description="driving planner: vanilla diffusion from Gaussian noise, one trajectory query, DDIM"))
+    register_family(PolicyFamily(
+        name="regression", policy_class=RegressionPlanner, settings={"regress": None}, core_samplers=False,
+        default_setting=lambda p: "regress", bench_configs=("regress-1",),
+        description="driving planner: single-mode regression of one learned query (Transfuser's head), 1 call"))
 
 
 _register_builtins()
