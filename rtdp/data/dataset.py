@@ -92,7 +92,8 @@ class SequenceDataset(torch.utils.data.Dataset):
             ``obs_keys`` and ``action_key``, all steps of all episodes.
         episode_ends: exclusive episode ends, int (E,).
         obs_keys: observation keys to return.
-        action_key: the action array; must be (N, Da).
+        action_key: the action array: (N, Da), or (N, *shape) for a target that is
+            itself a trajectory (a driving planner's plan, (N, 8, 2)).
         horizon: window length T (Diffusion Policy's ``horizon``).
         n_obs_steps: To, observation steps at the start of the window.
         n_action_steps: Ta, actions executed per chunk; sets the end padding.
@@ -151,8 +152,8 @@ class SequenceDataset(torch.utils.data.Dataset):
             for k in obs_keys
         }
         action = np.ascontiguousarray(np.asarray(arrays[action_key], dtype=np.float32))
-        if action.ndim != 2:
-            raise DatasetError(f"{action_key!r} must have shape (N, Da), got {action.shape}")
+        if action.ndim < 2:
+            raise DatasetError(f"{action_key!r} must have shape (N, Da) or (N, *shape), got {action.shape}")
         self._action = action
         self._index = sequence_index(ends, horizon, self.pad_before, self.pad_after, episode_mask)
         self._window = np.arange(horizon, dtype=np.int64)

@@ -349,8 +349,8 @@ def evaluate_planner(checkpoint: str | Path | None, *, scenes: int = 1000, sampl
 def _print_drive(report: dict[str, Any]) -> None:
     from rtdp.workflows.report import print_table
 
-    rows = [("scenes", report["scenes"]), ("planner", f"{report['sampler']}-{report['steps']}"),
-            ("NFE per plan", report["nfe_per_plan"])]
+    rows = [("scenes", str(report["scenes"])), ("planner", f"{report['sampler']}-{report['steps']}"),
+            ("NFE per plan", str(report["nfe_per_plan"]))]
     if report.get("latency_ms_p50") is not None:
         rows.append(("latency ms p50 / p99", f"{report['latency_ms_p50']:.2f} / {report['latency_ms_p99']:.2f}"))
     for name, part in [("all", report), *report["per_scenario"].items()]:
