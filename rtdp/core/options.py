@@ -16,6 +16,7 @@ from rtdp.errors import ConfigError
 
 _NAME = re.compile(r"^(?P<sampler>[a-z_]+)-(?P<steps>\d+)(?P<opts>(\+[a-z0-9.]+)*)$")
 DEFAULT_CACHE_BUDGET = 10  # +bac / +uniform without a number: update steps per block and chunk
+DEFAULT_ANCHOR_STEP = 30  # +anchor without a number: the training step anchors are noised to (of 100 in DP's schedule)
 # Packed inference forms of the network (rtdp.core.fastnet), by option name.
 PRECISION_OPTIONS = {"fast": "fp32", "bf16": "bf16", "int8": "int8", "int8dyn": "int8dyn"}
 
@@ -39,7 +40,12 @@ def parse_config(name: str) -> BenchConfig:
     ``+deepcache<N>`` (U-Net deep features reused, recomputed every N calls; N = 3 by default),
     ``+bac<M>`` / ``+uniform<M>`` (transformer blocks cached: BAC's schedule or
     every block at the same evenly spaced steps, M updates per block and chunk;
-    M = 10 by default), ``+compile`` (the network through ``torch.compile``).
+    M = 10 by default), ``+compile`` (the network through ``torch.compile``),
+    ``+anchor<T>`` (truncated start from k-means anchors of the training actions,
+    noised to training step T, then ``steps`` sampler steps from there; one more
+    network call per chunk picks the anchor; T = 30 by default). T is checked
+    against the policy's ``num_train_timesteps`` where the policy is known
+    (``rtdp.policies.runner.Runner``), not here.
 
     Raises:
         ConfigError: a malformed name, steps <= 0 or an unknown option.
@@ -69,13 +75,17 @@ def parse_config(name: str) -> BenchConfig:
             if "precision" in options:
                 raise ConfigError(f"configuration {name!r}: give at most one of +{', +'.join(PRECISION_OPTIONS)}")
             options["precision"] = PRECISION_OPTIONS[opt]
+        elif key == "anchor" and (value.isdigit() or not value):
+            if "anchor_step" in options:
+                raise ConfigError(f"configuration {name!r}: give +anchor<T> at most once")
+            options["anchor_step"] = int(value) if value else DEFAULT_ANCHOR_STEP
         elif key == "g" and value:
             options["guidance_scale"] = float(value)
         elif key == "skip" and value:
             options["guidance_skip_cos"] = float(value)
         else:
             raise ConfigError(f"configuration {name!r}: unknown option +{opt}; known: +g<scale>, +skip<cos>, +deepcache<N>, "
-                              f"+bac<M>, +uniform<M>, +compile, "
+                              f"+bac<M>, +uniform<M>, +compile, +anchor<T> (anchored start at training step T), "
                               f"+{', +'.join(PRECISION_OPTIONS)}")
     return BenchConfig(str(name), m["sampler"], steps, options)
 

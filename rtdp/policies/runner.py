@@ -83,6 +83,52 @@ def _block_cache_schedule(policy, sampler: str, steps: int, cache: str, calibrat
     return calibration.schedule(budget)
 
 
+GUIDANCE_OPTIONS = ("guidance_scale", "guidance_skip_cos")
+ANCHOR_OPTIONS = ("anchors", "anchor_step")
+
+
+def _anchor_options(policy, family, sampler: str, steps: int, options: dict[str, Any],
+                    cache: str | None, deepcache: int | None) -> dict[str, Any]:
+    """``options`` with the anchors normalised once, after checking that this policy and setting can start from them."""
+    from rtdp.policies.ddpm import DdpmPolicy
+
+    if sampler in family.per_observation:
+        raise ConfigError(f"an anchored start (anchors / anchor_step, +anchor<T>) begins a whole chunk from an anchor; "
+                          f"{sampler} is served per observation from its own noise buffer, so it has no chunk start")
+    if not isinstance(policy, DdpmPolicy) or sampler in family.settings:
+        raise ConfigError(f"an anchored start (anchors / anchor_step, +anchor<T>) runs the core samplers on a DDPM "
+                          f"policy's schedule (policy=unet or transformer); got policy={family.name} "
+                          f"({type(policy).__name__}) with sampler {sampler!r}")
+    if cache is not None:
+        raise ConfigError(f"cache={cache} is scheduled for {sampler}-{steps}'s calls; an anchored start makes one more "
+                          "(the estimate that picks the anchor): drop one of them")
+    if deepcache is not None:
+        # the first call sees pure noise at the top of the schedule, the next an anchor near step T:
+        # features of the one say nothing about the other
+        raise ConfigError("DeepCache would reuse the deep features of the anchor-picking call (pure noise, top of the "
+                          "schedule) at the anchor's small noise level: drop one of deepcache / anchors")
+    if options.get("anchors") is None or options.get("anchor_step") is None:
+        given = "anchors" if options.get("anchors") is not None else "anchor_step"
+        raise ConfigError(f"an anchored start needs both anchors (K, horizon, action_dim) in env units and "
+                          f"anchor_step T; got only {given} (rtdp.workflows.bench.action_anchors makes anchors "
+                          "from a replay buffer)")
+    cfg = policy.config
+    anchors = options["anchors"]
+    try:
+        anchors = torch.as_tensor(np.asarray(anchors.detach().cpu() if isinstance(anchors, torch.Tensor) else anchors,
+                                             dtype=np.float32))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"anchors must be an array (K, {cfg.horizon}, {cfg.action_dim}) in env units: "
+                          f"{exc}") from None
+    if anchors.ndim != 3 or anchors.shape[0] < 1 or tuple(anchors.shape[1:]) != (cfg.horizon, cfg.action_dim):
+        raise ConfigError(f"anchors must have shape (K, {cfg.horizon}, {cfg.action_dim}) = (K >= 1, horizon, "
+                          f"action_dim) in env units, got {tuple(anchors.shape)}")
+    policy.anchor_sigmas(options["anchor_step"], steps)  # T in range for this checkpoint and these steps
+    policy.normalizer.require_set()
+    normalised = policy.normalizer.normalize("action", anchors.to(device=policy.device, dtype=policy.dtype))
+    return {**options, "anchors": policy.check_anchors(normalised)}
+
+
 class Runner:
     """A policy plus an inference setting.
 
@@ -104,7 +150,10 @@ class Runner:
             ``precision`` or the caches).
         cuda_graph: replay the network from CUDA graphs (a policy on a CUDA
             device; the plain network only).
-        options: extra keyword arguments of ``predict_action_chunk`` (e.g. ``guidance_scale``).
+        options: extra keyword arguments of ``predict_action_chunk``: ``guidance_scale`` /
+            ``guidance_skip_cos`` (a goal-conditioned EDM policy), or ``anchors`` (K, horizon, Da)
+            in env units with ``anchor_step`` T (a DDPM policy's anchored start, ``+anchor<T>``;
+            the anchors are normalised once here).
 
     Raises:
         UnknownNameError: unknown sampler.
@@ -118,6 +167,8 @@ class Runner:
         from rtdp.policies.registry import FAMILIES, family_of
 
         self.policy = policy
+        # anchors=None / anchor_step=None mean "no anchored start", as leaving them out does
+        options = {k: v for k, v in options.items() if not (k in ANCHOR_OPTIONS and v is None)}
         self.options = options
         self.generator = torch.Generator().manual_seed(int(seed))
         family = self.family = family_of(policy)
@@ -131,12 +182,14 @@ class Runner:
             owners = [f"policy={f.name}" for f in FAMILIES.values() if name in f.settings]
             raise ConfigError(f"sampler {name!r} needs a {' or '.join(owners)} checkpoint, got policy={family.name} "
                               f"({type(policy).__name__})")
-        unknown = sorted(set(options) - {"guidance_scale", "guidance_skip_cos"})
+        unknown = sorted(set(options) - set(GUIDANCE_OPTIONS) - set(ANCHOR_OPTIONS))
         if unknown:
-            raise ConfigError(f"unknown inference options {unknown}; known: guidance_scale, guidance_skip_cos")
-        if options and not getattr(policy.config, "goal_keys", ()):
+            raise ConfigError(f"unknown inference options {unknown}; known: "
+                              f"{', '.join(GUIDANCE_OPTIONS + ANCHOR_OPTIONS)}")
+        guidance = sorted(set(options) & set(GUIDANCE_OPTIONS))
+        if guidance and not getattr(policy.config, "goal_keys", ()):
             raise ConfigError(
-                f"{', '.join(sorted(options))} need a goal-conditioned EDM checkpoint (policy.goal_keys set); "
+                f"{', '.join(guidance)} need a goal-conditioned EDM checkpoint (policy.goal_keys set); "
                 f"this {type(policy).__name__} has no goal"
             )
         if deepcache is not None:
@@ -153,6 +206,8 @@ class Runner:
         self.steps = policy.config.num_inference_steps if steps is None else steps
         if name not in family.per_observation:
             self.steps = policy._check_steps(self.steps)
+        if set(options) & set(ANCHOR_OPTIONS):
+            self.options = options = _anchor_options(policy, family, name, self.steps, options, cache, deepcache)
         schedule = None
         if cache is not None:
             schedule = _block_cache_schedule(policy, name, self.steps, cache, calibration, deepcache)
