@@ -166,7 +166,7 @@ def buffer(tmp_path):
 
 
 def test_action_windows_are_the_training_windows(buffer):
-    from rtdp.workflows.bench import _action_windows
+    from rtdp.workflows.calibrate import _action_windows
 
     policy = tiny_policy()
     store = ReplayBuffer.open(buffer)
@@ -314,6 +314,7 @@ def test_bench_makes_anchors_once_per_checkpoint_and_reuses_them(buffer, tmp_pat
     configuration, none on the second run (stopped before timing: only the preparation is under test)."""
     import rtdp.core
     from rtdp.workflows import bench as bench_mod
+    from rtdp.workflows import calibrate
 
     policy = tiny_policy()
     ckpt = policy.save_pretrained(tmp_path / "run" / "checkpoint")
@@ -339,6 +340,6 @@ def test_bench_makes_anchors_once_per_checkpoint_and_reuses_them(buffer, tmp_pat
     assert len(count) == 1
     anchored = [o for o in seen if "anchor_step" in o]
     assert [o["anchor_step"] for o in anchored] == [30, 20, 30, 20]
-    assert all(tuple(o["anchors"].shape) == (bench_mod.ANCHOR_K, H, DA) for o in anchored)
+    assert all(tuple(o["anchors"].shape) == (calibrate.ANCHOR_K, H, DA) for o in anchored)
     assert all(torch.equal(o["anchors"], anchored[0]["anchors"]) for o in anchored)
     assert len(list((tmp_path / "cal").rglob("anchors_k20_seed0_*.safetensors"))) == 1

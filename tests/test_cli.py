@@ -19,7 +19,7 @@ def test_unknown_key_is_an_error_not_a_silent_no_op() -> None:
 
 
 def test_unknown_task_lists_the_available_ones() -> None:
-    with pytest.raises(ConfigError, match="available: lift, pusht, pusht_goal, pusht_image"):
+    with pytest.raises(ConfigError, match="available: highway, lift, pusht, pusht_goal, pusht_image"):
         compose("collect", ["task=nope", "out=x"])
 
 

@@ -15,6 +15,7 @@ from rtdp.errors import ConfigError, UnknownNameError
 
 NEEDS = {"lift": "robosuite"}
 #: the observation key that says where each task's robot is
+MOVING = {"highway": "ego_state"}  # observed in the vehicle's own frame; [0] is its speed
 ROBOT_POS = {"pusht": "agent_pos", "pusht_image": "agent_pos", "pusht_goal": "agent_pos", "lift": "robot0_eef_pos"}
 
 
@@ -56,6 +57,15 @@ def test_env_creates_resets_deterministically_and_steps(name: str) -> None:
             assert obs[key].dtype == np.uint8 and obs[key].ndim == 3
         # the spec's control rate is the environment's own (one step per control period)
         assert env.unwrapped.metadata["render_fps"] == spec.control_rate_hz
+        if name in MOVING:
+            # a vehicle cannot stand still in its own frame: holding brakes it gently, random commands do not
+            start, _ = env.reset(seed=7)
+            obs = start
+            for _ in range(5):
+                obs, *_ = env.step(spec.hold(obs).astype(np.float32))
+            dv = float(obs[MOVING[name]][0] - start[MOVING[name]][0])
+            assert -2.0 < dv < -0.2, dv
+            return
         # the held action keeps the robot where it is; random actions from the same start move it
         key = ROBOT_POS[name]
         start, _ = env.reset(seed=7)
