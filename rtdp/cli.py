@@ -37,6 +37,10 @@ examples:
   rtdp control size=dp_lowdim driver=dynamixel port=emulator rate_hz=50 duration_s=600
   rtdp bench size=dp_lowdim configs=[ddpm-100,ddim-10,edm-3,stream-1,cm-1] json=bench_dp.json
   rtdp image out=runs/scenes && rtdp bench image=runs/scenes configs=[ddim-50,ddim-50+deepcache3]
+  rtdp collect task=highway scenes=8000 workers=2 out=data/highway.zarr
+  rtdp train task=highway policy=anchor data=data/highway.zarr out=runs/highway_anchor steps=4000 batch_size=64
+  rtdp eval task=highway checkpoint=rtdp/assets/checkpoints/highway/checkpoint json=eval_highway.json
+  rtdp bench task=highway checkpoint=runs/highway_anchor/checkpoint checkpoints=[runs/highway_regression/checkpoint]
 """
 
 
