@@ -212,3 +212,17 @@ def test_missing_scene_key_is_a_missing_key_error():
     del sc["route"]
     with pytest.raises(MissingKeyError, match="route"):
         score_plans(const_plan()[None], sc)
+
+
+def test_savitzky_golay_operators_differentiate_quadratics_exactly():
+    # the comfort terms' derivative operators, checked against the analytic derivatives of a quadratic
+    from rtdp.envs import highway_score as H
+
+    t = np.arange(H.N_STEPS) * H.DT
+    y = 3.0 + 2.0 * t - 0.75 * t**2
+    np.testing.assert_allclose(H._SG[0] @ y, y, atol=1e-9)
+    np.testing.assert_allclose(H._SG[1] @ y, 2.0 - 1.5 * t, atol=1e-9)
+    np.testing.assert_allclose(H._SG[2] @ y, np.full_like(t, -1.5), atol=1e-9)
+    # noise is smoothed: the second derivative of a 1 cm jitter stays far below the comfort limits
+    jitter = 0.01 * np.random.default_rng(0).standard_normal(H.N_STEPS)
+    assert np.abs(H._SG[2] @ jitter).max() < 2.0

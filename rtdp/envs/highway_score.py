@@ -13,13 +13,15 @@ ego pose at t = 0 prepended and is interpolated linearly to 10 Hz (41 steps, ali
   velocity for 0.3, 0.6 or 0.9 s, would overlap (agents already collided with are left out).
 * EP: the plan's progress along ``route`` over the best safe (NC = DAC = 1) progress of an IDM proposal
   set at {0.2, ..., 1.0} × the speed limit and of the expert's logged ``action``; 1 below 5 m.
-* C: nuPlan's comfort limits, evaluated on the 2 Hz plan with the current pose and speed prepended.
+* C: nuPlan's comfort limits on the 10 Hz trajectory, its derivatives read through a Savitzky-Golay
+  filter (quadratic, 0.7 s window) as NAVSIM reads its simulated states, the first velocity the ego's own.
 
 Simplified against NAVSIM: vehicles are the only obstacles; the drivable area is the lanes' corridors;
 nuPlan's collision classification is reduced to the two not-at-fault cases above (a lateral contact is
 always at fault); the PDM-Closed proposals are open-loop IDM runs along the route (no LQR tracking or
 bicycle model), blending linearly from the ego's lateral offset onto the route over the 4 s, with the
-braking clipped at 4.05 m/s²; comfort has no Savitzky-Golay filtering; no driving-direction term.
+braking clipped at 4.05 m/s²; comfort is read from the interpolated plan, not from a tracker's
+simulation of it; no driving-direction term.
 """
 
 from __future__ import annotations
@@ -278,26 +280,52 @@ def _idm_proposals(scenes: Mapping[str, np.ndarray], tracks: tuple, s0: np.ndarr
     return np.concatenate([xy, heading[..., None]], -1), hist[..., -1] - s0[:, None]
 
 
-def _comfort(plans: np.ndarray, speed: np.ndarray) -> np.ndarray:
-    """nuPlan's comfort check (M,) on the 2 Hz plans (M, 8, 2|3) with the current pose and speed prepended."""
-    xy = np.concatenate([np.zeros_like(plans[:, :1, :2]), plans[..., :2]], 1)  # (M, 9, 2)
-    grad = lambda x: np.gradient(x, PLAN_DT, axis=1, edge_order=2)  # noqa: E731
-    vel = grad(xy)
+def _savgol_operators(n: int, window: int, order: int, dt: float) -> list[np.ndarray]:
+    """(n, n) matrices ``D_d`` with ``D_d @ y`` the d-th derivative (d = 0..order) of a Savitzky-Golay fit.
+
+    Each sample's value comes from the least-squares polynomial of degree ``order`` over the ``window``
+    samples around it; at the ends the window is the first or last ``window`` samples (SciPy's
+    ``mode="interp"``), so the ends are not padded with invented data.
+    """
+    ops = [np.zeros((n, n)) for _ in range(order + 1)]
+    half = window // 2
+    for i in range(n):
+        lo = min(max(0, i - half), n - window)
+        t = (np.arange(lo, lo + window) - i) * dt
+        fit = np.linalg.pinv(np.vander(t, order + 1, increasing=True))  # coefficients of t^0..t^order
+        for d in range(order + 1):
+            ops[d][i, lo:lo + window] = fit[d] * np.prod(np.arange(1, d + 1))
+    return ops
+
+
+# NAVSIM reads the comfort terms through a Savitzky-Golay filter (quadratic, ~0.8 s) on its 10 Hz states
+COMFORT_WINDOW, COMFORT_ORDER = 7, 2
+_SG = _savgol_operators(N_STEPS, COMFORT_WINDOW, COMFORT_ORDER, DT)
+
+
+def _comfort(traj: np.ndarray, speed: np.ndarray) -> np.ndarray:
+    """nuPlan's comfort check (M,) on the 10 Hz trajectories (M, 41, 3) starting at the current pose.
+
+    Velocity, acceleration, yaw rate and jerk are Savitzky-Golay derivatives of the poses; the first
+    velocity is the ego's measured one (``speed`` (M,) along x), so a plan that starts at another speed
+    pays for the jump.
+    """
+    d1, d2 = _SG[1], _SG[2]
+    xy = traj[..., :2]
+    vel = np.einsum("ij,mjk->mik", d1, xy)
     vel[:, 0] = np.stack([speed, np.zeros_like(speed)], -1)
-    if plans.shape[-1] == 3:
-        heading = np.concatenate([np.zeros_like(plans[:, :1, 2]), plans[..., 2]], 1)
-    else:  # direction of motion, held where the ego (nearly) stands
-        moving = np.linalg.norm(vel, axis=-1) * PLAN_DT >= MIN_MOVE
-        idx = np.maximum.accumulate(np.where(moving, np.arange(xy.shape[1]), 0), axis=1)
-        heading = np.where(idx > 0, np.take_along_axis(np.arctan2(vel[..., 1], vel[..., 0]), idx, 1), 0.0)
+    acc = np.einsum("ij,mjk->mik", d1, vel)
+    moving = np.linalg.norm(vel, axis=-1) >= MIN_MOVE / DT  # slower: no reliable heading
+    idx = np.maximum.accumulate(np.where(moving, np.arange(xy.shape[1]), 0), axis=1)
+    heading = np.where(idx > 0, np.take_along_axis(np.arctan2(vel[..., 1], vel[..., 0]), idx, 1), 0.0)
     heading = np.unwrap(heading, axis=1)
-    acc = grad(vel)
     lon = acc[..., 0] * np.cos(heading) + acc[..., 1] * np.sin(heading)
     lat = -acc[..., 0] * np.sin(heading) + acc[..., 1] * np.cos(heading)
-    yaw_rate = grad(heading)
+    yaw_rate = heading @ d1.T
     ok = ((lon >= LON_ACCEL_RANGE[0]) & (lon <= LON_ACCEL_RANGE[1]) & (np.abs(lat) <= MAX_LAT_ACCEL)
-          & (np.abs(yaw_rate) <= MAX_YAW_RATE) & (np.abs(grad(yaw_rate)) <= MAX_YAW_ACCEL)
-          & (np.abs(grad(lon)) <= MAX_LON_JERK) & (np.linalg.norm(grad(acc), axis=-1) <= MAX_JERK))
+          & (np.abs(yaw_rate) <= MAX_YAW_RATE) & (np.abs(heading @ d2.T) <= MAX_YAW_ACCEL)
+          & (np.abs(lon @ d1.T) <= MAX_LON_JERK)
+          & (np.linalg.norm(np.einsum("ij,mjk->mik", d1, acc), axis=-1) <= MAX_JERK))
     return ok.all(-1).astype(np.float64)
 
 
@@ -383,7 +411,7 @@ def score_plans(plans: np.ndarray, scenes: Mapping[str, np.ndarray]) -> dict[str
         ref = np.maximum(np.where(safe, cand_progress, 0.0).max(1), 0.0)
         ep = np.where(ref < EP_MIN_REF, 1.0, np.clip(progress / np.maximum(ref, _EPS), 0.0, 1.0))
 
-        comfort = _comfort(plans[sl], sc["ego_state"][:, 0])
+        comfort = _comfort(traj, sc["ego_state"][:, 0])
         terms = {"nc": nc, "dac": dac, "ttc": ttc, "ep": ep, "comfort": comfort,
                  "pdms": nc * dac * (5 * ep + 5 * ttc + 2 * comfort) / 12, "progress": progress, "ref_progress": ref}
         for k, v in terms.items():
