@@ -86,13 +86,15 @@ def test_bench_rows_hold_the_contract_keys(trained, tmp_path, monkeypatch):
     assert [r["nfe_per_plan"] for r in report["configs"]] == [1, 2]
 
 
-def test_diversity_is_the_mean_pairwise_final_distance():
-    cands = np.zeros((1, 3, 8, 2))
-    cands[0, 1, -1] = [3.0, 4.0]  # 5 m from the others' end
+def test_diversity_is_the_mean_pairwise_final_distance_of_the_top_k():
+    cands = np.zeros((1, 4, 8, 2))
+    cands[0, 1, -1] = [3.0, 4.0]  # 5 m from the first's end
     cands[0, 2, -1] = [0.0, 10.0]  # 10 m from the first, sqrt(9 + 36) from the second
+    cands[0, 3, -1] = [100.0, 0.0]  # far away, but ranked last
     pair = [5.0, 10.0, np.sqrt(45.0)]
-    assert np.isclose(drive.diversity(cands), np.mean(pair))
-    assert drive.diversity(cands[:, :1]) == 0.0
+    assert np.isclose(drive.diversity(cands, np.array([[3.0, 2.0, 1.0, 0.0]]), k=3), np.mean(pair))
+    assert np.isclose(drive.diversity(cands[:, :3], None, k=5), np.mean(pair))  # unranked: the first k
+    assert drive.diversity(cands[:, :1]) == 0.0 and drive.diversity(None) == 0.0
 
 
 def test_closed_loop_expert_and_planner_report(trained):
