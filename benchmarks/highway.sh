@@ -10,19 +10,25 @@ RTDP=${RTDP:-.venv/bin/rtdp}
 OUT=${OUT:-runs}
 R=${R:-benchmarks/results/highway}
 STEPS=${STEPS:-4000}            # optimiser steps per planner
-EPISODES=${EPISODES:-100}       # closed-loop episodes per scenario
+ANCHOR_STEPS=${ANCHOR_STEPS:-10000}  # the anchored planner continues to this many
+EPISODES=${EPISODES:-50}        # closed-loop episodes per scenario
 mkdir -p "$OUT" "$R"
 
 # 1. scenes: expert episodes on seeds 0.. (training); held-out scenes come from seeds 100000.. (rtdp eval/bench)
 [ -d "$OUT/highway_train.zarr" ] || $RTDP collect task=highway scenes=8000 seed=0 workers=2 \
     out="$OUT/highway_train.zarr" json="$R/collect.json"
 
-# 2. three planners, the same encoder, data, batch, steps and learning rate
+# 2. three planners, the same encoder, data, batch, steps and learning rate; then the anchored planner
+#    continues to ANCHOR_STEPS (its learning-rate schedule restarts over the longer run): each of its K
+#    anchors' regressors learns only from the scenes whose nearest anchor it is
+train() {  # policy steps
+    $RTDP train task=highway policy=$1 data="$OUT/highway_train.zarr" out="$OUT/highway_$1" steps=$2 batch_size=64 \
+        lr=5e-4 warmup_steps=500 weight_decay=1e-4 betas=[0.9,0.999] checkpoint_every=1000 threads=2 resume=true
+}
 for policy in anchor diffusion_plan regression; do
-    [ -f "$OUT/highway_$policy/summary.json" ] || $RTDP train task=highway policy=$policy \
-        data="$OUT/highway_train.zarr" out="$OUT/highway_$policy" steps=$STEPS batch_size=64 lr=5e-4 \
-        warmup_steps=500 weight_decay=1e-4 betas=[0.9,0.999] checkpoint_every=1000 threads=2 resume=true
+    [ -f "$OUT/highway_$policy/summary.json" ] || train $policy $STEPS
 done
+grep -q "\"train_steps\": $ANCHOR_STEPS" "$OUT/highway_anchor/summary.json" || train anchor $ANCHOR_STEPS
 
 # 3. the scorer's check: the expert's logged futures on the held-out scenes
 $RTDP eval task=highway expert=true scenes=1000 bev=0 json="$R/expert.json"
