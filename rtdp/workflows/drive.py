@@ -392,8 +392,6 @@ def bench_planners(checkpoints: list[str], *, configs: list[str] | None = None, 
                    first_seed: int = 100000, calls: int = 50, threads: int = 2, seed: int = 0,
                    n_candidates: int = DIVERSITY_TOP_K) -> dict[str, Any]:
     """Every planner and inference setting side by side on the same held-out scenes (see ``run_bench``)."""
-    import platform
-
     import torch
 
     from rtdp.core.options import parse_config
@@ -423,7 +421,9 @@ def bench_planners(checkpoints: list[str], *, configs: list[str] | None = None, 
                 "diversity": diversity(spread["candidates"], spread["scores"]),
                 "train_time_s": meta.get("train_time_s"), "train_steps": meta.get("train_steps"),
             })
-    return {"task": "highway", "device": platform.processor() or platform.machine(), "threads": int(threads),
+    from rtdp.workflows.machine import device_name
+
+    return {"task": "highway", "device": device_name(), "threads": int(threads),
             "scenes": len(data["action"]), "first_seed": int(first_seed),
             "diversity_definition": f"mean pairwise distance (m) between the 4 s poses of the top-{n_candidates} "
                                     "candidates per scene (anchored: ranked by its scores; vanilla diffusion: "
