@@ -54,7 +54,7 @@ def _check(name: str, key: str, got: torch.Tensor) -> None:
 
 def test_every_shipped_checkpoint_has_goldens():
     shipped = sorted(p.parent.name for p in (REPO / "rtdp" / "assets" / "checkpoints").glob("*/checkpoint"))
-    covered = {name for name, *_ in record.CASES}
+    covered = {name for name, *_ in record.CASES} | {name for name, *_ in record.PLANNER_CASES}
     assert shipped and set(shipped) <= covered, f"checkpoints without goldens: {sorted(set(shipped) - covered)}"
 
 
@@ -68,3 +68,22 @@ def test_actions_match_the_goldens(name, case, kwargs, calls):
 def test_training_losses_match_the_goldens():
     for key, got in record.loss_cases().items():
         _check(key.split("/")[0], key, got)
+
+
+@pytest.mark.parametrize("name,case,steps", record.PLANNER_CASES, ids=[f"{c[0]}/{c[1]}" for c in record.PLANNER_CASES])
+def test_planner_plans_match_the_goldens(name, case, steps):
+    from safetensors import safe_open
+
+    from rtdp.models import load_model
+
+    with safe_open(str(record.PLANNER_FILE), framework="pt") as f:
+        want, machine = f.get_tensor(f"{name}/{case}"), f.metadata()["machine"]
+    torch.set_num_threads(1)
+    got = record.planner_case(name, steps)
+    assert got.shape == want.shape
+    if machine == record.machine():
+        assert torch.equal(got, want), f"max |diff| {float((got - want).abs().max()):.3e} m (must be bit-exact here)"
+        return
+    norm = load_model(record.checkpoint_dir(name)).normalizer
+    diff = (norm.normalize("action", got) - norm.normalize("action", want)).abs().max()
+    assert float(diff) < 1e-4, f"max |diff| {float(diff):.3e} in normalised units (other machine: {machine})"

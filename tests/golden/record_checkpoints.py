@@ -6,6 +6,7 @@ written once, from the code before a change that must not move any action,
 and kept: the test compares the code of the day against it.
 
     .venv/bin/python tests/golden/record_checkpoints.py
+    .venv/bin/python tests/golden/record_checkpoints.py --planners   # the driving planners' plans, own file
 
 A tiny transformer policy (fresh weights, no shipped checkpoint has one) is
 saved beside the goldens so its path, caching included, is pinned too.
@@ -56,6 +57,10 @@ CASES: list[tuple[str, str, dict, int]] = [
 ]
 BATCH = 2
 LOSS_CHECKPOINTS = ("pusht", "pusht_edm", "transformer_tiny")
+# Driving planners (not action policies): (checkpoint, case name, denoising steps); their plans live in their
+# own file, recorded on their own machine (``--planners``)
+PLANNER_CASES: list[tuple[str, str, int]] = [("highway", "anchor-2", 2), ("highway", "anchor-1", 1)]
+PLANNER_FILE = HERE / "planner_plans.safetensors"
 
 
 def checkpoint_dir(name: str) -> Path:
@@ -136,6 +141,29 @@ def inpaint_case(policy, seed: int = 0) -> torch.Tensor:
     return runner.predict(obs, noise=noise, inpaint=(committed, weights)).detach().cpu().float()[None]
 
 
+def planner_observations(planner, batch: int = BATCH, seed: int = 0) -> dict[str, np.ndarray]:
+    """A fixed batch of scene inputs inside the planner's data range ({key: (B, 1, *shape)})."""
+    cfg = planner.config
+    stats = planner.normalizer.get_stats()
+    rng = np.random.default_rng(seed)
+    obs = {}
+    for key in sorted(cfg.lowdim_shapes):
+        shape = tuple(cfg.lowdim_shapes[key])
+        lo, hi = (np.broadcast_to(stats[key][b], shape) for b in ("min", "max"))
+        obs[key] = (lo + (hi - lo) * rng.random((batch, 1, *shape))).astype(np.float32)
+    return obs
+
+
+def planner_case(name: str, steps: int, seed: int = 0) -> torch.Tensor:
+    """The plans (1, B, 8, 2) of a shipped planner on fixed inputs and a seeded generator."""
+    from rtdp.models import load_model
+
+    planner = load_model(checkpoint_dir(name))
+    obs = planner_observations(planner, seed=seed)
+    plan = planner.plan(obs, steps=steps, generator=torch.Generator().manual_seed(seed + 1)).plan
+    return plan.detach().cpu().float()[None]
+
+
 def make_tiny_transformer() -> None:
     """Save a fresh 2-layer transformer policy with PushT's shapes (the golden's own checkpoint)."""
     from rtdp.policies.transformer import TransformerDiffusionConfig, TransformerDiffusionPolicy
@@ -194,6 +222,12 @@ def main() -> int:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    if "--planners" in sys.argv:
+        torch.set_num_threads(1)
+        plans = {f"{n}/{c}": planner_case(n, steps) for n, c, steps in PLANNER_CASES}
+        save_file(plans, str(PLANNER_FILE), metadata={"machine": machine()})
+        print(f"wrote {len(plans)} planner cases to {PLANNER_FILE} ({machine()})")
+        return 0
     if not TINY_TRANSFORMER.exists() or "--new-transformer" in sys.argv:
         make_tiny_transformer()
     kept: dict[str, torch.Tensor] = {}
