@@ -48,3 +48,9 @@ for who in expert anchor regression diffusion_plan; do
     [ -f "$R/control_$who.json" ] || $RTDP control task=highway checkpoint="$ckpt" driver=sim \
         episodes=$EPISODES rate_hz=2 out="$R/control_$who" json="$R/control_$who.json"
 done
+
+# 7. the core's anchored start on a PushT action policy that was not trained for it: k-means action anchors
+#    of its training data, the nearest to a one-call estimate noised to step T, then DDIM (NFE 1 + steps)
+[ -d "$OUT/pusht.zarr" ] || $RTDP collect task=pusht episodes=200 seed=0 workers=2 out="$OUT/pusht.zarr"
+$RTDP bench checkpoint=rtdp/assets/checkpoints/pusht/checkpoint 'configs=[ddim-3,ddim-2,ddim-2+anchor30,ddim-1+anchor20]' \
+    episodes=50 calls=20 anchor_data="$OUT/pusht.zarr" json=benchmarks/results/pusht_anchor.json
