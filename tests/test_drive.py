@@ -125,3 +125,10 @@ def test_the_shipped_planner_plans_near_the_expert_in_two_calls():
     assert planned["nfe"] == 2 and planned["candidates"].shape == (6, 20, 8, 2)
     ade = np.linalg.norm(planned["plans"] - batch["action"], axis=-1).mean()
     assert ade < 4.0, ade  # metres over the 4 s; a plan that ignored the scene would miss by tens of metres
+
+
+def test_action_policy_keys_are_refused_not_ignored(capsys):
+    assert main(["eval", "task=highway", "expert=true", "precision=int8"]) == 2
+    assert "action policies" in capsys.readouterr().err
+    assert main(["bench", "task=highway", "checkpoint=rtdp/assets/checkpoints/highway/checkpoint", "episodes=5"]) == 2
+    assert "scenes=N" in capsys.readouterr().err

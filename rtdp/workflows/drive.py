@@ -376,6 +376,9 @@ def run_eval(cfg) -> dict[str, Any]:
     """CLI entry: ``rtdp eval task=highway checkpoint=DIR [scenes=1000] [steps=N] json=PATH`` (or ``expert=true``)."""
     if not cfg.expert and not cfg.checkpoint:
         raise ConfigError("rtdp eval task=highway needs checkpoint=<planner folder> or expert=true")
+    for key in ("precision", "record_obs"):  # action-policy keys: refuse rather than ignore them
+        if cfg.get(key) is not None:
+            raise ConfigError(f"{key}= applies to action policies; task=highway scores planners on scenes without it")
     report = evaluate_planner(
         None if cfg.expert else cfg.checkpoint, scenes=int(cfg.get("scenes") or 1000), sampler=cfg.sampler,
         steps=cfg.steps, first_seed=int(cfg.first_seed if cfg.get("first_seed") is not None else 100000),
@@ -409,6 +412,8 @@ def bench_planners(checkpoints: list[str], *, configs: list[str] | None = None, 
         names = [c for c in (configs or family.bench_configs) if family.serves(parse_config(c).sampler)]
         for name in names:
             bc = parse_config(name)
+            if bc.options:
+                raise ConfigError(f"configuration {name!r}: planners take <setting>-<steps> only, no +options")
             planned = plan_scenes(planner, data, steps=bc.steps, seed=seed)
             summary = summarize(score_plans(planned["plans"], data), data["scenario"][:, 0].astype(int))
             spread = plan_scenes(planner, data, steps=bc.steps, seed=seed + 1, n_candidates=n_candidates)
@@ -440,6 +445,11 @@ def run_bench(cfg) -> dict[str, Any]:
         checkpoints.insert(0, str(cfg.checkpoint))
     if not checkpoints:
         raise ConfigError("rtdp bench task=highway needs checkpoint=<planner> (and checkpoints=[...] to compare)")
+    for key in ("size", "image", "anchor_data"):  # action-policy and image keys: refuse rather than ignore them
+        if cfg.get(key):
+            raise ConfigError(f"{key}= does not apply to task=highway, which benches trained planners on scenes")
+    if int(cfg.get("episodes") or 0) > 0:
+        raise ConfigError("task=highway scores planners on scenes: pass scenes=N instead of episodes=N")
     threads = int(cfg.threads) if cfg.threads else 2
     report = bench_planners(checkpoints, configs=None if cfg.configs is None else [str(c) for c in cfg.configs],
                             scenes=int(cfg.get("scenes") or 1000), calls=int(cfg.calls), threads=threads)
