@@ -43,6 +43,9 @@ AGENT_RANGE = 80.0
 SCENE_EVERY_S = 1.0
 COMMANDS = ("left", "straight", "right", "unknown")
 
+# version of the scene contents (keys, shapes, lane sampling, expert); caches of scenes are keyed by it
+SCENE_FORMAT = 1
+
 # shape of every scene array (see /docs in highway_score and the module docstring)
 SCENE_KEYS: dict[str, tuple[int, ...]] = {
     "ego_state": (4,),  # speed, longitudinal acceleration, yaw rate, speed limit

@@ -109,8 +109,9 @@ def held_out_scenes(n: int, *, first_seed: int, scenario: str = "mixed", workers
                     cache: Path | None = SCENE_CACHE) -> dict[str, np.ndarray]:
     """The first ``n`` scenes of the expert episodes on seeds ``first_seed, first_seed + 1, ...``, batched.
 
-    Kept in ``cache`` (one zarr store per scenario, first seed and count) so
-    that every planner is scored on the same scenes without driving them again.
+    Kept in ``cache`` (one zarr store per scene format, scenario, first seed
+    and count) so that every planner is scored on the same scenes without
+    driving them again, and a new ``SCENE_FORMAT`` never reads old scenes.
     """
     import shutil
 
@@ -123,7 +124,9 @@ def held_out_scenes(n: int, *, first_seed: int, scenario: str = "mixed", workers
             if len(got) >= n:
                 break
         return _stack(got[:n])
-    path = Path(cache) / f"highway-{scenario}-from{int(first_seed)}-{int(n)}.zarr"
+    from rtdp.envs.highway import SCENE_FORMAT
+
+    path = Path(cache) / f"highway-v{SCENE_FORMAT}-{scenario}-from{int(first_seed)}-{int(n)}.zarr"
     if not path.exists():
         tmp = path.with_suffix(".partial")
         shutil.rmtree(tmp, ignore_errors=True)
