@@ -27,13 +27,14 @@ from typing import Any
 import gymnasium
 import numpy as np
 
+# the scene's time grid and scenario names are the scorer's (one definition): the plan is PLAN_STEPS poses
+# PLAN_DT apart (8 at 2 Hz), agent futures FUTURE_STEPS at 10 Hz (0.0 .. 4.0 s)
+from rtdp.envs.highway_score import N_STEPS as FUTURE_STEPS
+from rtdp.envs.highway_score import PLAN_DT, PLAN_STEPS, SCENARIOS
 from rtdp.errors import ConfigError, MissingDependencyError
 
-SCENARIOS = ("highway", "merge", "roundabout", "intersection")
 SIM_HZ = 10  # simulation and control rate; one logged step per env.step
-PLAN_STEPS, PLAN_DT = 8, 0.5  # the plan: 8 poses at 2 Hz (4 s)
 PAST_STEPS = 4  # ego poses at -2.0 .. -0.5 s
-FUTURE_STEPS = 41  # agent futures at 0.0 .. 4.0 s, 10 Hz
 N_AGENTS, N_LANES, LANE_POINTS = 16, 64, 20
 ROUTE_POINTS, ROUTE_SPACING = 32, 5.0
 # metres of each lane sampled around the ego's projection: a 4 s plan at 30 m/s ends 120 m ahead, and the
@@ -343,13 +344,12 @@ class HighwayEnv(gymnasium.Env):
             "ego": (float(ego.position[0]), float(ego.position[1]), float(ego.heading), float(ego.speed),
                     float(ego.action.get("acceleration", 0.0)) if ego.action else 0.0),
             "vehicles": vehicles,
+            "lane_index": ego.lane_index,
+            "route_plan": list(ego.route) if ego.route else None,
             "lanes": None,  # filled lazily: the geometry near the ego at this step
             "route": None,
             "command": None,
         })
-        entry = self.log[-1]
-        entry["lane_index"] = ego.lane_index
-        entry["route_plan"] = list(ego.route) if ego.route else None
 
     def _ego_pose(self, i: int) -> tuple[np.ndarray, float]:
         e = self.log[max(0, min(i, len(self.log) - 1))]["ego"]

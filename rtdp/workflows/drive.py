@@ -338,10 +338,8 @@ def evaluate_planner(checkpoint: str | Path | None, *, scenes: int = 1000, sampl
     scores = score_plans(planned["plans"], data)
     summary = summarize(scores, data["scenario"][:, 0].astype(int))
     pictures = []
+    anchors = planner.anchor_trajectories() if hasattr(planner, "anchor_trajectories") else None
     for i in range(min(int(bev), len(data["action"]))):
-        anchors = None
-        if planner is not None and hasattr(planner, "anchor_trajectories"):
-            anchors = planner.anchor_trajectories()
         cands = None if planned["candidates"] is None else planned["candidates"][i]
         sc = None if planned["scores"] is None else planned["scores"][i]
         terms = ", ".join(f"{t} {scores[t][i]:.2f}" for t in TERMS)

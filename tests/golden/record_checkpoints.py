@@ -94,14 +94,16 @@ def machine() -> str:
 
 
 def observations(policy, batch: int = BATCH, seed: int = 0) -> dict[str, np.ndarray]:
-    """A fixed batch of observations inside the checkpoint's data range ({key: (B, To, *shape)})."""
+    """A fixed batch of observations inside the checkpoint's data range ({key: (B, To, *shape)}); a driving
+    planner's pooled statistics are broadcast to its inputs' shapes (To = 1)."""
     cfg = policy.config
     stats = policy.normalizer.get_stats()
     rng = np.random.default_rng(seed)
     obs = {}
     for key in sorted(cfg.lowdim_shapes):
-        lo, hi = stats[key]["min"], stats[key]["max"]
-        u = rng.random((batch, cfg.n_obs_steps, *lo.shape))
+        shape = tuple(cfg.lowdim_shapes[key])
+        lo, hi = (np.broadcast_to(stats[key][b], shape) for b in ("min", "max"))
+        u = rng.random((batch, cfg.n_obs_steps, *shape))
         obs[key] = (lo + (hi - lo) * u).astype(np.float32)
     return obs
 
@@ -141,25 +143,12 @@ def inpaint_case(policy, seed: int = 0) -> torch.Tensor:
     return runner.predict(obs, noise=noise, inpaint=(committed, weights)).detach().cpu().float()[None]
 
 
-def planner_observations(planner, batch: int = BATCH, seed: int = 0) -> dict[str, np.ndarray]:
-    """A fixed batch of scene inputs inside the planner's data range ({key: (B, 1, *shape)})."""
-    cfg = planner.config
-    stats = planner.normalizer.get_stats()
-    rng = np.random.default_rng(seed)
-    obs = {}
-    for key in sorted(cfg.lowdim_shapes):
-        shape = tuple(cfg.lowdim_shapes[key])
-        lo, hi = (np.broadcast_to(stats[key][b], shape) for b in ("min", "max"))
-        obs[key] = (lo + (hi - lo) * rng.random((batch, 1, *shape))).astype(np.float32)
-    return obs
-
-
 def planner_case(name: str, steps: int, seed: int = 0) -> torch.Tensor:
     """The plans (1, B, 8, 2) of a shipped planner on fixed inputs and a seeded generator."""
     from rtdp.models import load_model
 
     planner = load_model(checkpoint_dir(name))
-    obs = planner_observations(planner, seed=seed)
+    obs = observations(planner, seed=seed)
     plan = planner.plan(obs, steps=steps, generator=torch.Generator().manual_seed(seed + 1)).plan
     return plan.detach().cpu().float()[None]
 
