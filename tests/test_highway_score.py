@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from rtdp.envs.highway_score import (
-    EGO_LENGTH, EGO_WIDTH, SCENARIOS, TERMS, TrajectoryError, boxes_overlap, score_plans, summarize,
+    _SG, DT, EGO_LENGTH, EGO_WIDTH, SCENARIOS, TERMS, TrajectoryError, _to_10hz, boxes_overlap, score_plans, summarize,
 )
+from rtdp.envs.plan_simulation import simulate
 from rtdp.errors import DatasetError, MissingKeyError
 
 LIMIT = 14.0  # m/s: 56 m in 4 s, which keeps the ego's front on the 60 m long lanes
@@ -50,8 +51,9 @@ def const_plan(speed=LIMIT, y=0.0) -> np.ndarray:
     return np.stack([speed * T2, np.full(8, y)], -1)
 
 
-def score_one(plan, sc) -> dict[str, float]:
-    out = score_plans(np.asarray(plan)[None], batch(sc))
+def score_one(plan, sc, tracked=False) -> dict[str, float]:
+    """The terms of one plan; by default of the plan itself, so each term's definition is checked exactly."""
+    out = score_plans(np.asarray(plan)[None], batch(sc), tracked=tracked)
     assert set(out) == {*TERMS, "progress", "ref_progress"}
     assert all(v.shape == (1,) and v.dtype == np.float64 for v in out.values())
     return {k: float(v[0]) for k, v in out.items()}
@@ -136,9 +138,39 @@ def test_reference_follows_the_lead_and_skips_an_unsafe_expert():
 def test_batch_scores_equal_single_scores():
     cases = [(const_plan(), scene()), (const_plan(), scene(agents=[(30.0, 0.0, 0.0, 0.0)])),
              (np.zeros((8, 2)), scene()), (const_plan(5.0), scene(agents=[(20.0, 0.0, 5.0, 0.0)]))]
-    together = score_plans(np.stack([p for p, _ in cases]), batch(*(s for _, s in cases)))
-    for i, (p, s) in enumerate(cases):
-        assert {k: v[i] for k, v in together.items()} == pytest.approx(score_one(p, s))
+    for tracked in (False, True):
+        together = score_plans(np.stack([p for p, _ in cases]), batch(*(s for _, s in cases)), tracked=tracked)
+        for i, (p, s) in enumerate(cases):
+            assert {k: v[i] for k, v in together.items()} == pytest.approx(score_one(p, s, tracked))
+
+
+def test_tracking_a_constant_speed_plan_reproduces_it():
+    assert score_one(const_plan(), scene(), tracked=True) == pytest.approx(score_one(const_plan(), scene()))
+    ref = _to_10hz(const_plan()[None])
+    assert np.abs(simulate(ref, np.array([LIMIT]), _SG[1], DT) - ref).max() < 1e-9
+
+
+def test_tracking_a_circle_stays_on_it():
+    # a constant-curvature reference at constant speed, checked against the circle itself
+    radius, speed = 60.0, 12.0
+    angle = speed * T10 / radius
+    ref = np.stack([radius * np.sin(angle), radius * (1 - np.cos(angle)), angle], -1)[None]
+    states = simulate(ref, np.array([speed]), _SG[1], DT)
+    off_circle = np.abs(np.hypot(states[0, :, 0], states[0, :, 1] - radius) - radius)
+    # the wheels start straight, so the vehicle first drifts outward, then settles onto the circle
+    assert off_circle.max() < 0.75 and off_circle[-10:].max() < 0.1
+    assert np.abs(states[0, -1, :2] - ref[0, -1, :2]).max() < 0.5
+
+
+def test_tracking_smooths_jittery_poses_but_not_harsh_braking():
+    jitter = const_plan()
+    jitter[:, 1] = [0.3, -0.3] * 4  # poses 0.3 m either side: the plan is uncomfortable, a vehicle tracking it is not
+    plain, tracked = score_one(jitter, scene()), score_one(jitter, scene(), tracked=True)
+    assert plain["comfort"] == 0 and tracked == pytest.approx({**plain, "comfort": 1, "pdms": 1}, abs=0.2)
+    assert tracked["pdms"] == 1 and tracked["progress"] == pytest.approx(56.0, abs=0.2)
+    t = np.minimum(T2, 1.0)  # from 14 m/s to rest in 1 s: no tracker makes that comfortable
+    brake = score_one(np.stack([LIMIT * t - 7.0 * t**2, np.zeros(8)], -1), scene(), tracked=True)
+    assert brake["comfort"] == 0 and 7.0 < brake["progress"] < 20.0  # it stops, about 1 s later than asked
 
 
 def test_sat_overlap_matches_shapely_on_random_boxes():

@@ -4,6 +4,8 @@
 against the logged (non-reactive) futures of the other vehicles. The plan (8 poses at 2 Hz) gets the
 ego pose at t = 0 prepended and is interpolated linearly to 10 Hz (41 steps, aligned with
 ``agent_future``); without a heading column the heading is the direction of motion of each 0.1 s step.
+As in NAVSIM, the terms are read from the states of a vehicle that tracks this reference (an LQR
+controller on a kinematic bicycle, :mod:`rtdp.envs.plan_simulation`), unless ``tracked=False``.
 
 * NC: 1, or 0 for an at-fault collision, 0.5 when the agent hit was stationary. Only the first contact
   with each agent counts (as nuPlan); it is not at fault when the ego is stopped or the agent's centre
@@ -20,8 +22,8 @@ Simplified against NAVSIM: vehicles are the only obstacles; the drivable area is
 nuPlan's collision classification is reduced to the two not-at-fault cases above (a lateral contact is
 always at fault); the PDM-Closed proposals are open-loop IDM runs along the route (no LQR tracking or
 bicycle model), blending linearly from the ego's lateral offset onto the route over the 4 s, with the
-braking clipped at 4.05 m/s²; comfort is read from the interpolated plan, not from a tracker's
-simulation of it; no driving-direction term.
+braking clipped at 4.05 m/s², and neither they nor the expert's plan pass through the tracker;
+no driving-direction term.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from rtdp.envs.plan_simulation import simulate
 from rtdp.errors import DatasetError, MissingKeyError, RtdpError
 
 SCENARIOS = ("highway", "merge", "roundabout", "intersection")
@@ -368,13 +371,16 @@ def _check(plans: np.ndarray, scenes: Mapping[str, np.ndarray]) -> tuple[np.ndar
     return plans, out
 
 
-def score_plans(plans: np.ndarray, scenes: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def score_plans(plans: np.ndarray, scenes: Mapping[str, np.ndarray], *,
+                tracked: bool = True) -> dict[str, np.ndarray]:
     """PDM score of one 4 s plan per scene.
 
     Args:
         plans: (B, 8, 2) or (B, 8, 3) (x, y[, heading]) in the ego frame at t = 0.5 .. 4.0 s.
         scenes: batched scene arrays (the highway scene format's keys, each with leading axis B); reads
             ``ego_state``, ``agents``, ``lanes``, ``route``, ``action``, ``agent_future``, ``agent_future_valid``.
+        tracked: score the states of a vehicle tracking the plan (NAVSIM's simulation,
+            :mod:`rtdp.envs.plan_simulation`); false scores the interpolated plan itself.
 
     Returns:
         ``{term: (B,) float64}`` for every name in :data:`TERMS`, plus ``"progress"`` (B,) and
@@ -395,9 +401,11 @@ def score_plans(plans: np.ndarray, scenes: Mapping[str, np.ndarray]) -> dict[str
         tracks = _tracks(sc)
         s0 = _project(np.zeros((m, 1, 2)), route)[0][:, 0]
         traj = _to_10hz(plans[sl])
+        if tracked:
+            traj = simulate(traj, sc["ego_state"][:, 0], _SG[1], DT)
         nc, ttc = _nc_and_ttc(traj, tracks)
         dac = _dac(traj, sc["lanes"])
-        progress = np.maximum(_project(plans[sl, -1:, :2], route)[0][:, 0] - s0, 0.0)
+        progress = np.maximum(_project(traj[:, -1:, :2], route)[0][:, 0] - s0, 0.0)
 
         # the reference: the best safe progress among the IDM proposals and the expert's logged plan
         proposals, prop_progress = _idm_proposals(sc, tracks, s0)
