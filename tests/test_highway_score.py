@@ -147,7 +147,8 @@ def test_batch_scores_equal_single_scores():
 def test_tracking_a_constant_speed_plan_reproduces_it():
     assert score_one(const_plan(), scene(), tracked=True) == pytest.approx(score_one(const_plan(), scene()))
     ref = _to_10hz(const_plan()[None])
-    assert np.abs(simulate(ref, np.array([LIMIT]), _SG[1], DT) - ref).max() < 1e-9
+    poses, speed, accel = simulate(ref, np.array([LIMIT]), _SG[1], DT)
+    assert np.abs(poses - ref).max() < 1e-9 and np.allclose(speed, LIMIT) and np.allclose(accel, 0)
 
 
 def test_tracking_a_circle_stays_on_it():
@@ -155,11 +156,11 @@ def test_tracking_a_circle_stays_on_it():
     radius, speed = 60.0, 12.0
     angle = speed * T10 / radius
     ref = np.stack([radius * np.sin(angle), radius * (1 - np.cos(angle)), angle], -1)[None]
-    states = simulate(ref, np.array([speed]), _SG[1], DT)
+    states = simulate(ref, np.array([speed]), _SG[1], DT)[0]
     off_circle = np.abs(np.hypot(states[0, :, 0], states[0, :, 1] - radius) - radius)
-    # the wheels start straight, so the vehicle first drifts outward, then settles onto the circle
-    assert off_circle.max() < 0.75 and off_circle[-10:].max() < 0.1
-    assert np.abs(states[0, -1, :2] - ref[0, -1, :2]).max() < 0.5
+    # the wheels start straight and the steering lags, so the vehicle first drifts outward, then comes back
+    assert off_circle.max() < 1.0 and off_circle[-10:].max() < 0.3 and off_circle[-1] < 0.6 * off_circle.max()
+    assert np.abs(states[0, -1, :2] - ref[0, -1, :2]).max() < 1.0
 
 
 def test_tracking_smooths_jittery_poses_but_not_harsh_braking():

@@ -15,8 +15,10 @@ controller on a kinematic bicycle, :mod:`rtdp.envs.plan_simulation`), unless ``t
   velocity for 0.3, 0.6 or 0.9 s, would overlap (agents already collided with are left out).
 * EP: the plan's progress along ``route`` over the best safe (NC = DAC = 1) progress of an IDM proposal
   set at {0.2, ..., 1.0} × the speed limit and of the expert's logged ``action``; 1 below 5 m.
-* C: nuPlan's comfort limits on the 10 Hz trajectory, its derivatives read through a Savitzky-Golay
-  filter (quadratic, 0.7 s window) as NAVSIM reads its simulated states, the first velocity the ego's own.
+* C: nuPlan's comfort limits. On tracked states as NAVSIM reads them: the vehicle's acceleration
+  smoothed over 0.8 s (Savitzky-Golay), jerks its derivative over 1.5 s, yaw rate and acceleration over
+  0.5 s. On the plan itself (``tracked=False``): derivatives of the poses through a quadratic 0.7 s
+  Savitzky-Golay filter, the first velocity the ego's own.
 
 Simplified against NAVSIM: vehicles are the only obstacles; the drivable area is the lanes' corridors;
 nuPlan's collision classification is reduced to the two not-at-fault cases above (a lateral contact is
@@ -301,7 +303,7 @@ def _savgol_operators(n: int, window: int, order: int, dt: float) -> list[np.nda
     return ops
 
 
-# NAVSIM reads the comfort terms through a Savitzky-Golay filter (quadratic, ~0.8 s) on its 10 Hz states
+# comfort of a plan itself: its poses' derivatives through a quadratic Savitzky-Golay filter of 0.7 s
 COMFORT_WINDOW, COMFORT_ORDER = 7, 2
 _SG = _savgol_operators(N_STEPS, COMFORT_WINDOW, COMFORT_ORDER, DT)
 
@@ -329,6 +331,26 @@ def _comfort(traj: np.ndarray, speed: np.ndarray) -> np.ndarray:
           & (np.abs(yaw_rate) <= MAX_YAW_RATE) & (np.abs(heading @ d2.T) <= MAX_YAW_ACCEL)
           & (np.abs(lon @ d1.T) <= MAX_LON_JERK)
           & (np.linalg.norm(np.einsum("ij,mjk->mik", d1, acc), axis=-1) <= MAX_JERK))
+    return ok.all(-1).astype(np.float64)
+
+
+# NAVSIM on simulated states: accelerations smoothed over 0.8 s, jerks differentiated over 1.5 s, yaw over 0.5 s
+_ACC_SMOOTH = _savgol_operators(N_STEPS, 8, 2, DT)[0]
+_JERK_D1 = _savgol_operators(N_STEPS, 15, 2, DT)[1]
+_YAW_D1 = _savgol_operators(N_STEPS, 5, 2, DT)[1]
+_YAW_D2 = _savgol_operators(N_STEPS, 5, 3, DT)[2]
+
+
+def _comfort_tracked(poses: np.ndarray, speed: np.ndarray, accel: np.ndarray) -> np.ndarray:
+    """NAVSIM's comfort check (M,) on a tracking vehicle's states: poses (M, 41, 3), speed and acceleration
+    (M, 41). The lateral acceleration is the centripetal ``speed × yaw rate`` (nuPlan reads it from the
+    rear axle's frame, where a kinematic bicycle has none: this is the stricter, physical reading)."""
+    heading = np.unwrap(poses[..., 2], axis=1)
+    yaw_rate = heading @ _YAW_D1.T
+    lon, lat = accel @ _ACC_SMOOTH.T, (speed * yaw_rate) @ _ACC_SMOOTH.T
+    ok = ((lon >= LON_ACCEL_RANGE[0]) & (lon <= LON_ACCEL_RANGE[1]) & (np.abs(lat) <= MAX_LAT_ACCEL)
+          & (np.abs(yaw_rate) <= MAX_YAW_RATE) & (np.abs(heading @ _YAW_D2.T) <= MAX_YAW_ACCEL)
+          & (np.abs(lon @ _JERK_D1.T) <= MAX_LON_JERK) & (np.abs(np.hypot(lon, lat) @ _JERK_D1.T) <= MAX_JERK))
     return ok.all(-1).astype(np.float64)
 
 
@@ -402,7 +424,10 @@ def score_plans(plans: np.ndarray, scenes: Mapping[str, np.ndarray], *,
         s0 = _project(np.zeros((m, 1, 2)), route)[0][:, 0]
         traj = _to_10hz(plans[sl])
         if tracked:
-            traj = simulate(traj, sc["ego_state"][:, 0], _SG[1], DT)
+            traj, speed, accel = simulate(traj, sc["ego_state"][:, 0], _SG[1], DT)
+            comfort = _comfort_tracked(traj, speed, accel)
+        else:
+            comfort = _comfort(traj, sc["ego_state"][:, 0])
         nc, ttc = _nc_and_ttc(traj, tracks)
         dac = _dac(traj, sc["lanes"])
         progress = np.maximum(_project(traj[:, -1:, :2], route)[0][:, 0] - s0, 0.0)
@@ -419,7 +444,6 @@ def score_plans(plans: np.ndarray, scenes: Mapping[str, np.ndarray], *,
         ref = np.maximum(np.where(safe, cand_progress, 0.0).max(1), 0.0)
         ep = np.where(ref < EP_MIN_REF, 1.0, np.clip(progress / np.maximum(ref, _EPS), 0.0, 1.0))
 
-        comfort = _comfort(traj, sc["ego_state"][:, 0])
         terms = {"nc": nc, "dac": dac, "ttc": ttc, "ep": ep, "comfort": comfort,
                  "pdms": nc * dac * (5 * ep + 5 * ttc + 2 * comfort) / 12, "progress": progress, "ref_progress": ref}
         for k, v in terms.items():
