@@ -120,7 +120,7 @@ def test_loss_is_finite_and_falls_on_a_fixed_batch(cls):
     batch = {"obs": obs, "action": action}
     opt = torch.optim.Adam(planner.parameters(), lr=1e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(80):  # the anchors start near the targets (residual head): the fall takes a while
         loss = planner.compute_loss(batch)
         assert loss.ndim == 0 and bool(torch.isfinite(loss))
         opt.zero_grad()

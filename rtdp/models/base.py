@@ -61,6 +61,17 @@ def positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def int_in(value: Any, name: str, low: int, high: int, why: str = "") -> int:
+    """``value`` as an int in ``low..high`` (bools refused); ``why`` ends the error, e.g. " (up to N)".
+
+    Raises:
+        ConfigError: not an int in the range.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an int in {low}..{high}{why}, got {value!r}")
+    return int(value)
+
+
 def positive_float(value: Any, name: str) -> float:
     """``value`` as a finite positive float.
 

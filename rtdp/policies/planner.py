@@ -3,8 +3,9 @@
 Scene tokens (``highway_spec.md``): one ego token, one per valid agent row, one per lane with a valid point,
 plus a token-kind embedding, through a pre-norm transformer. ``decoder_layers`` cascaded decoder stages map
 trajectory queries (a plan flattened to 16 normalised numbers, embedded, plus a diffusion-time embedding) to
-x0 and a score logit: queries self-attend, cross-attend the scene (padding masked), pass an FFN; stage s > 1
-adds the re-embedded, detached x0 of stage s-1 to its hidden state. ``AnchorPlanner`` (DiffusionDrive)
+x0 (or, given a base trajectory per query, an offset: to the base in stage 1, to stage s-1's x0 after) and a
+score logit: queries self-attend, cross-attend the scene (padding masked), pass an FFN; stage s > 1 adds the
+re-embedded, detached x0 of stage s-1 to its hidden state. ``AnchorPlanner`` (DiffusionDrive)
 denoises K k-means anchors from a small truncation step in two DDIM steps and plans the best scored one;
 ``DiffusionPlanner`` runs DDIM from Gaussian noise on one query; ``RegressionPlanner`` regresses one learned
 query. Diffusion happens in the action normaliser's [-1, 1] space; plans leave in metres.
@@ -29,8 +30,8 @@ from rtdp.core.samplers import sample_ddim, vp_noise_to_start
 from rtdp.core.schedules import BETA_SCHEDULES, make_alphas_cumprod, sigmas_ddim
 from rtdp.data.normalizer import LimitsNormalizer
 from rtdp.errors import CheckpointError, ConfigError, DatasetError, MissingKeyError, ObservationError
-from rtdp.models.base import (WEIGHTS_FILE, Model, ModelConfig, int_tuple, one_of, positive_float, positive_int,
-                              read_meta)
+from rtdp.models.base import (WEIGHTS_FILE, Model, ModelConfig, int_in, int_tuple, one_of, positive_float,
+                              positive_int, read_meta)
 
 __all__ = ["OBS_KEYS", "SCENE_SHAPES", "AnchorPlanner", "AnchorPlannerConfig", "DiffusionPlanner",
            "DiffusionPlannerConfig", "PlanResult", "Planner", "PlannerConfig", "RegressionPlanner",
@@ -43,12 +44,6 @@ _SHAPE_RULES = {"ego_state": ((4,), "(4,)"), "ego_past": ((None, 3), "(H, 3)"), 
                 "agents": ((None, 9), "(A, 9)"), "lanes": ((None, None, 4), "(L, P, 4)")}
 # Agent rows and lane points go through one shared token MLP, so they share one range per feature.
 _POOLED_FEATURES = {"agents": 9, "lanes": 4}
-
-
-def _int_in(value: Any, name: str, low: int, high: int, why: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an int in {low}..{high}{why}, got {value!r}")
-    return int(value)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -114,7 +109,7 @@ class PlannerConfig(ModelConfig):
         if self.d_model % self.n_heads or self.d_model % 2:
             raise ConfigError(f"d_model must be an even multiple of n_heads = {self.n_heads}, got {self.d_model}")
         one_of(self.beta_schedule, BETA_SCHEDULES, "beta_schedule")
-        self.num_inference_steps = _int_in(self.num_inference_steps, "num_inference_steps", 1, *self.steps_limit())
+        self.num_inference_steps = int_in(self.num_inference_steps, "num_inference_steps", 1, *self.steps_limit())
 
     def steps_limit(self) -> tuple[int, str]:
         """The most sampler steps (network calls) per plan, and why, for error messages."""
@@ -137,6 +132,9 @@ class AnchorPlannerConfig(PlannerConfig):
         num_inference_steps: default DDIM steps from trunc_step down to 0 (network calls), 1..trunc_step + 1.
         cascade_shared: the decoder stages share one set of weights (default: separate weights per stage).
         score_weight: weight of the anchor classification (cross-entropy) term against the L1 term.
+        residual: the first stage predicts each query's offset from its clean anchor, later stages an offset
+            from the previous stage's x0 (DiffusionDrive offsets the noisy input instead, which passes the
+            starting noise through to the plan unless the network learns to cancel it).
     """
 
     num_anchors: int = 20
@@ -145,19 +143,21 @@ class AnchorPlannerConfig(PlannerConfig):
     num_inference_steps: int = 2
     cascade_shared: bool = False
     score_weight: float = 1.0
+    residual: bool = True
 
     def __post_init__(self) -> None:
         # trunc_step bounds num_inference_steps, which the base checks: validate it first
         self.num_train_timesteps = positive_int(self.num_train_timesteps, "num_train_timesteps")
-        self.train_trunc = _int_in(self.train_trunc, "train_trunc", 1, self.num_train_timesteps,
+        self.train_trunc = int_in(self.train_trunc, "train_trunc", 1, self.num_train_timesteps,
                                    " (up to num_train_timesteps)")
-        self.trunc_step = _int_in(self.trunc_step, "trunc_step", 0, self.train_trunc - 1,
+        self.trunc_step = int_in(self.trunc_step, "trunc_step", 0, self.train_trunc - 1,
                                   " (below train_trunc: a level the decoder was trained on)")
         super().__post_init__()
         self.num_anchors = positive_int(self.num_anchors, "num_anchors")
-        if not isinstance(self.cascade_shared, (bool, np.bool_)):
-            raise ConfigError(f"cascade_shared must be true or false, got {self.cascade_shared!r}")
-        self.cascade_shared = bool(self.cascade_shared)
+        for name in ("cascade_shared", "residual"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            setattr(self, name, bool(getattr(self, name)))
         self.score_weight = positive_float(self.score_weight, "score_weight")
 
     def steps_limit(self) -> tuple[int, str]:
@@ -166,11 +166,7 @@ class AnchorPlannerConfig(PlannerConfig):
 
 @dataclasses.dataclass(kw_only=True)
 class DiffusionPlannerConfig(PlannerConfig):
-    """``PlannerConfig`` of vanilla diffusion from Gaussian noise (one query, DDIM).
-
-    Attributes:
-        num_inference_steps: default DDIM steps (network calls), 1..num_train_timesteps.
-    """
+    """``PlannerConfig`` of vanilla diffusion from Gaussian noise: one query, DDIM (``num_inference_steps`` 20)."""
 
     num_inference_steps: int = 20
 
@@ -249,10 +245,12 @@ class TrajectoryDecoder(nn.Module):
                                     for _ in range(1 if shared else self.n_stages))
 
     def forward(self, x: torch.Tensor | None, t: torch.Tensor, tokens: torch.Tensor, pad: torch.Tensor,
-                query: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+                query: torch.Tensor | None = None,
+                base: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Every stage's (x0 (B, K, P), score logits (B, K) or None) for input trajectories x (B, K, P)
         (VP-noised) at training steps t (B,), scene tokens (B, S, d) and padding pad (B, S) (True = ignored);
-        ``query`` (B, K, d) replaces the embedded x as the first stage's queries (a learned query)."""
+        ``query`` (B, K, d) replaces the embedded x as the first stage's queries (a learned query); with ``base``
+        (B, K, P) the heads predict offsets: stage 1's x0 is base + head, stage s's is stage s-1's x0 + head."""
         temb = self.time(_sinusoidal(t, self.d)).unsqueeze(1)
         outs, h = [], None
         for i in range(self.n_stages):
@@ -260,7 +258,7 @@ class TrajectoryDecoder(nn.Module):
             q = (query if h is None and query is not None else stage.embed(x)) + temb
             h = stage.block(q if h is None else q + h, tokens, memory_key_padding_mask=pad)
             y = stage.norm(h)
-            x0 = stage.x0(y)
+            x0 = stage.x0(y) if base is None else stage.x0(y) + (base if i == 0 else x)
             outs.append((x0, None if stage.score is None else stage.score(y).squeeze(-1)))
             x = x0.detach()
         return outs
@@ -331,7 +329,7 @@ class Planner(Model):
 
     def _check_steps(self, steps: Any) -> int:
         steps = self.config.num_inference_steps if steps is None else steps
-        return _int_in(steps, "steps", 1, *self.config.steps_limit())
+        return int_in(steps, "steps", 1, *self.config.steps_limit())
 
     def _check_obs(self, obs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Validated inputs ``{key: (B, *shape)}`` on the planner's device (the step axis dropped)."""
@@ -388,9 +386,12 @@ class Planner(Model):
 
     def _network(self, x_t: torch.Tensor, t: torch.Tensor, ctx: SceneContext) -> torch.Tensor:
         """The denoising network: the last stage's x0 (B, K, P); writes its scores into ``ctx.logits``."""
-        x0, ctx.logits = self.decoder(x_t, t, ctx.tokens, ctx.pad)[-1]
+        x0, ctx.logits = self.decoder(x_t, t, ctx.tokens, ctx.pad, base=self._base(x_t))[-1]
         ctx.calls += 1
         return x0
+
+    def _base(self, x_t: torch.Tensor) -> torch.Tensor | None:
+        return None  # the trajectories (B, K, P) the decoder's heads offset; None: they predict x0 itself
 
     def _denoiser(self) -> DiscreteEpsDenoiser:
         # Built per call: it is cheap, and an EMA deepcopy of the planner must not share one.
@@ -419,12 +420,9 @@ class Planner(Model):
              n_candidates: int | None = None) -> PlanResult:
         """Plan for every scene of a batch.
 
-        Args:
-            obs: ``{key: (B, 1, *shape)}`` tensors or arrays of the five inputs, env units; extra keys ignored.
-            steps: sampler steps (network calls); default ``config.num_inference_steps``.
-            generator: source of the starting noise.
-            n_candidates: independent samples per scene for ``DiffusionPlanner``; the others ignore it (their
-                candidates are the K denoised anchors, or none).
+        ``obs``: ``{key: (B, 1, *shape)}`` tensors or arrays of the five inputs, env units (extra keys ignored);
+        ``steps``: network calls (default ``config.num_inference_steps``); ``generator``: the starting noise's
+        source; ``n_candidates``: samples per scene for ``DiffusionPlanner`` (the others ignore it).
 
         Raises:
             ConfigError: normaliser or anchors not set, bad steps or n_candidates.
@@ -463,12 +461,11 @@ class AnchorPlanner(Planner):
     units, set by ``from_data``), scored; the best one is the plan.
 
     Training noises the K anchors to one step t ~ U[0, train_trunc) per scene (VP form); each stage
-    predicts x0 and a score logit for every anchor. Its loss is L1 between the x0 of the anchor nearest
-    the target (mean L2 over poses from the clean anchor, normalised units) and the target, plus
-    ``score_weight`` times the cross-entropy of the scores over the K anchors with that anchor as the
-    class; summed over stages. Inference starts at ``anchors + sigma(trunc_step) * eps`` (VE form) and
-    runs DDIM over ``sigmas_truncated``; the scores of the last call pick the plan.
-    """
+    predicts x0 (with ``residual``, as an offset from the clean anchor) and a score logit for every anchor.
+    Its loss is L1 between the x0 of the anchor nearest the target (mean L2 over poses from the clean
+    anchor, normalised units) and the target, plus ``score_weight`` times the cross-entropy of the scores
+    with that anchor as the class; summed over stages. Inference starts at ``anchors + sigma(trunc_step) *
+    eps`` (VE form) and runs DDIM over ``sigmas_truncated``; the scores of the last call pick the plan."""
 
     model_type: ClassVar[str] = "anchor_planner"
     config_class: ClassVar[type[PlannerConfig]] = AnchorPlannerConfig
@@ -512,6 +509,9 @@ class AnchorPlanner(Planner):
             raise ConfigError("the anchors are not set: call planner.from_data(arrays, seed) after set_normalizer "
                               "(rtdp train does), or load a trained planner")
 
+    def _base(self, x_t: torch.Tensor) -> torch.Tensor | None:
+        return self.anchors.to(x_t.dtype).expand(x_t.shape[0], -1, -1) if self.config.residual else None
+
     def _loss(self, ctx: SceneContext, target: torch.Tensor) -> torch.Tensor:
         self._require_anchors()
         c = self.config
@@ -522,7 +522,7 @@ class AnchorPlanner(Planner):
         nearest = dist.argmin(dim=1)
         rows = torch.arange(b, device=target.device)
         return sum(F.l1_loss(x0[rows, nearest], target) + c.score_weight * F.cross_entropy(logits, nearest)
-                   for x0, logits in self.decoder(x_t, t, ctx.tokens, ctx.pad))
+                   for x0, logits in self.decoder(x_t, t, ctx.tokens, ctx.pad, base=self._base(x_t)))
 
     def _sample(self, ctx, steps, generator, n_candidates):
         self._require_anchors()
@@ -566,7 +566,7 @@ class DiffusionPlanner(Planner):
                    for x0, _ in self.decoder(self._vp_noised(target.unsqueeze(1), t), t, ctx.tokens, ctx.pad))
 
     def _sample(self, ctx, steps, generator, n_candidates):
-        n = _int_in(1 if n_candidates is None else n_candidates, "n_candidates", 1, 1 << 16)
+        n = int_in(1 if n_candidates is None else n_candidates, "n_candidates", 1, 1 << 16)
         b, p = ctx.tokens.shape[0], self.config.plan_dim
         sigmas = sigmas_ddim(self.alphas_cumprod.detach().cpu(), steps)
         noise = torch.randn((b, n, p), generator=generator,

@@ -306,7 +306,7 @@ def _register_builtins() -> None:
 
     register_family(PolicyFamily(
         name="anchor", policy_class=AnchorPlanner, settings={"anchor": None}, core_samplers=False,
-        default_setting=lambda p: "anchor", bench_configs=("anchor-2",),
+        default_setting=lambda p: "anchor", bench_configs=("anchor-2", "anchor-1"),
         description="DiffusionDrive driving planner: truncated diffusion from k-means anchors, 2 DDIM steps"))
     register_family(PolicyFamily(
         name="diffusion_plan", policy_class=DiffusionPlanner, settings={"ddim": None}, core_samplers=False,
