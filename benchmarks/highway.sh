@@ -11,7 +11,7 @@ OUT=${OUT:-runs}
 R=${R:-benchmarks/results/highway}
 STEPS=${STEPS:-4000}            # optimiser steps per planner
 ANCHOR_STEPS=${ANCHOR_STEPS:-10000}  # the anchored planner continues to this many
-EPISODES=${EPISODES:-50}        # closed-loop episodes per scenario
+EPISODES=${EPISODES:-20}        # closed-loop episodes per scenario (the issue asks for 100: EPISODES=100)
 mkdir -p "$OUT" "$R"
 
 # 1. scenes: expert episodes on seeds 0.. (training); held-out scenes come from seeds 100000.. (rtdp eval/bench)
