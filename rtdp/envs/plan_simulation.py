@@ -38,7 +38,7 @@ def _wrap(angle: np.ndarray) -> np.ndarray:
     return (angle + np.pi) % (2 * np.pi) - np.pi
 
 
-def reference_profiles(ref: np.ndarray, d1: np.ndarray, dt: float) -> tuple[np.ndarray, np.ndarray]:
+def reference_profiles(ref: np.ndarray, d1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Speed (M, T) and curvature (M, T) of (M, T, 3) reference poses; ``d1`` (T, T) differentiates in time."""
     vel = np.einsum("ij,mjk->mik", d1, ref[..., :2])
     speed = np.linalg.norm(vel, axis=-1)
@@ -58,16 +58,15 @@ def simulate(ref: np.ndarray, speed0: np.ndarray, d1: np.ndarray, dt: float) -> 
         dt: seconds between states.
     """
     m, n = ref.shape[:2]
-    v_ref, kappa = reference_profiles(ref, d1, dt)
+    v_ref, kappa = reference_profiles(ref, d1)
     out, speeds, accels = np.zeros((m, n, 3)), np.zeros((m, n)), np.zeros((m, n))
     out[:, 0] = ref[:, 0]
     x, y, heading = (ref[:, 0, i].copy() for i in range(3))
     v, steer, acc = np.maximum(np.asarray(speed0, dtype=np.float64), 0.0), np.zeros(m), np.zeros(m)
     speeds[:, 0] = v
-    steps = np.arange(HORIZON)
+    steps, b = np.arange(HORIZON), HORIZON * dt  # b: how much one acceleration moves the speed H steps ahead
     for k in range(n - 1):
         look = min(k + HORIZON, n - 1)
-        b = HORIZON * dt
         accel = Q_SPEED * b * (v_ref[:, look] - v) / (Q_SPEED * b * b + R_ACCEL)
         stopping = (v_ref[:, look] <= STOP_SPEED) & (v <= STOP_SPEED)
         accel = np.where(stopping, -STOP_GAIN * (v - v_ref[:, look]), accel)
