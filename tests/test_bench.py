@@ -105,3 +105,31 @@ def test_bench_episodes_are_compared_seed_by_seed(tmp_path, capsys):
     assert one["paired_only_this"] == sum(b and not a for a, b in pairs)
     assert 0 < one["paired_p"] <= 1
     assert "p=" in capsys.readouterr().out
+
+
+def test_timed_calls_interleave_across_configurations():
+    """time_runners warms every runner up, then times each in turn per round, after one untimed call."""
+    from rtdp.workflows.eval import time_runners
+
+    log: list[str] = []
+
+    class Recorder:  # a runner that records who was called, in order
+        n_action_steps = 4
+        last_nfe = 2
+
+        def __init__(self, name):
+            self.name = name
+
+        def predict(self, obs):
+            log.append(self.name)
+
+    a, b = Recorder("a"), Recorder("b")
+    timings = time_runners([a, b], {}, calls=5, warmup=2, rounds=2)
+    # warm-up: 2 calls each; round 1: 3 timed calls each; round 2: 1 untimed + 2 timed calls each
+    assert log == ["a"] * 2 + ["b"] * 2 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert [len(t["latency_samples_ms"]) for t in timings] == [5, 5]
+    assert all(t["nfe_per_chunk"] == 2 and t["n_action_steps"] == 4 for t in timings)
+    assert timings[0]["latency_ms_p99"] >= timings[0]["latency_ms_p50"] > 0
+    log.clear()
+    time_runners([a, b], {}, calls=3, warmup=0, rounds=1)  # one round: each timed in one block, as time_runner does
+    assert log == ["a"] * 3 + ["b"] * 3

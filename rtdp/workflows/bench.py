@@ -9,7 +9,8 @@ samplers on a DDPM (epsilon) checkpoint, or the EDM one if there is none.
 
 Timing follows DESIGN.md: batch 1, torch threads = physical cores, warm-up
 excluded, median and p99 over ``calls`` calls, all configurations measured
-side by side in one process. ``floor_ms_per_nfe`` is the time to stream the
+side by side in one process, their calls interleaved over ``rounds`` rounds
+(``time_runners``). ``floor_ms_per_nfe`` is the time to stream the
 network's weights once from memory at the bandwidth measured on the spot:
 a batch-1 evaluation cannot be faster than that on this machine.
 ``action_mse`` compares each configuration's actions with ``ddpm-100`` of the
@@ -138,10 +139,15 @@ def _normalised_actions(runner, obs, noise) -> np.ndarray:
     return policy.normalizer.normalize("action", act).detach().cpu().numpy()
 
 
-def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup: int, obs_list, bandwidth_gbs: float,
+def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, obs_list, bandwidth_gbs: float,
                  episodes: int, batch: int, reference: dict | None, progress: bool,
-                 fidelity: bool = True) -> dict[str, Any]:
+                 fidelity: bool = True, calls: int = 50, warmup: int = 5, runner=None,
+                 timing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure one configuration; returns DESIGN.md's per-configuration keys.
+
+    ``runner`` and ``timing`` (``time_runners``' entry for it) come from a side-by-side
+    timing of every configuration; without them the configuration is timed alone
+    over ``calls`` calls after ``warmup``.
 
     With a packed or cached network (``precision``, ``deepcache``, ``cache``) and ``fidelity``, also
     ``action_mse_vs_plain``: its actions against the plain network's for the same
@@ -150,8 +156,10 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, calls: int, warmup
     from rtdp.policies.runner import Runner
     from rtdp.workflows.eval import evaluate_checkpoint_policy, time_runner
 
-    runner = Runner(policy, cfg.sampler, cfg.steps, seed=0, **cfg.options)
-    timing = time_runner(runner, obs_list[0], calls=calls, warmup=warmup)
+    if runner is None:
+        runner = Runner(policy, cfg.sampler, cfg.steps, seed=0, **cfg.options)
+    if timing is None:
+        timing = time_runner(runner, obs_list[0], calls=calls, warmup=warmup)
     p50, p99, nfe = timing["latency_ms_p50"], timing["latency_ms_p99"], timing["nfe_per_chunk"]
     from rtdp.core import weight_bytes as network_bytes
 
@@ -244,6 +252,7 @@ def bench(
     episodes: int = 0,
     calls: int = 50,
     warmup: int = 5,
+    rounds: int = 5,
     threads: int | None = None,
     batch: int = 50,
     mse_observations: int = 8,
@@ -347,13 +356,20 @@ def bench(
         acts = [_normalised_actions(ref_runner, o, n) for o, n in zip(obs_list, noise)]
         references[id(p)] = {"policy": p, "noise": noise, "actions": acts}
 
+    # Timing first, every configuration side by side, interleaved over `rounds`.
+    from rtdp.workflows.eval import time_runners
+
+    runners = [Runner(p, c.sampler, c.steps, seed=0, **c.options) for c, p in plan]
+    timings = time_runners(runners, obs_list[0], calls=calls, warmup=warmup, rounds=rounds, progress=progress)
+
     rows = []
     from tqdm.auto import tqdm
 
-    for c, p in tqdm(plan, desc="bench", disable=not progress, dynamic_ncols=True):
-        rows.append(bench_config(c, p, task, calls=calls, warmup=warmup, obs_list=obs_list, bandwidth_gbs=bandwidth,
-                                 episodes=int(episodes), batch=batch, reference=references.get(id(p)),
-                                 progress=progress, fidelity=size is None))
+    for (c, p), runner, timing in tqdm(list(zip(plan, runners, timings)), desc="bench", disable=not progress,
+                                       dynamic_ncols=True):
+        rows.append(bench_config(c, p, task, runner=runner, timing=timing, obs_list=obs_list,
+                                 bandwidth_gbs=bandwidth, episodes=int(episodes), batch=batch,
+                                 reference=references.get(id(p)), progress=progress, fidelity=size is None))
         if "anchor_step" in c.options:
             rows[-1]["anchor_data"] = anchor_sets[id(p)][1]
     add_paired_comparisons(rows)
@@ -370,6 +386,7 @@ def bench(
         "checkpoints": [str(c) for c in checkpoints],
         "memory_bandwidth_gbs": bandwidth,
         "calls": calls,
+        "rounds": rounds,
         "configs": rows,
     }
 
@@ -444,6 +461,7 @@ def run(cfg) -> dict[str, Any]:
         episodes=int(cfg.episodes),
         calls=int(cfg.calls),
         warmup=int(cfg.warmup),
+        rounds=int(cfg.get("rounds") or 1),
         threads=cfg.threads,
         batch=int(cfg.batch),
         mse_observations=int(cfg.mse_observations),

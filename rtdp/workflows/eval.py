@@ -104,25 +104,56 @@ def measure_latency(policy, task: TaskSpec, *, sampler: str | None, steps: int |
 
 def time_runner(runner, obs: dict[str, np.ndarray], *, calls: int = 50, warmup: int = 5) -> dict[str, Any]:
     """Median/p99 wall time of ``runner.predict(obs)`` over ``calls`` calls after ``warmup``, with NFE per call."""
-    import torch
+    return time_runners([runner], obs, calls=calls, warmup=warmup)[0]
 
-    times, nfes = [], []
-    with torch.no_grad():
-        for i in range(warmup + calls):
-            t0 = time.perf_counter()
-            runner.predict(obs)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-                nfes.append(runner.last_nfe)
-    p50, p99 = percentiles_ms(times)
-    return {
-        "nfe_per_chunk": int(np.median(nfes)),
-        "latency_ms_p50": p50,
-        "latency_ms_p99": p99,
-        "ms_per_action": p50 / runner.n_action_steps,
-        "n_action_steps": runner.n_action_steps,
-        "latency_samples_ms": [t * 1e3 for t in times],
-    }
+
+def time_runners(runners: list, obs: dict[str, np.ndarray], *, calls: int = 50, warmup: int = 5,
+                 rounds: int = 1, progress: bool = False) -> list[dict[str, Any]]:
+    """Time several runners side by side: ``time_runner``'s keys for each, in order.
+
+    With ``rounds`` > 1 the calls are interleaved: every runner is warmed up, then
+    each round times ``calls / rounds`` consecutive calls of every runner in turn,
+    after one untimed call that brings its weights back into the caches. A slow
+    spell of a shared machine then falls on every runner alike instead of on
+    whichever was being timed, so the ratios of the medians hold steadier.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    rounds = max(1, min(int(rounds), int(calls)))
+    per_round = [calls // rounds + (1 if r < calls % rounds else 0) for r in range(rounds)]
+    times: list[list[float]] = [[] for _ in runners]
+    nfes: list[list[int]] = [[] for _ in runners]
+    bar = tqdm(total=len(runners) * (warmup + calls + rounds - 1), desc="timing", unit="call",
+               disable=not progress, dynamic_ncols=True)
+    with torch.no_grad(), bar:
+        for runner in runners:
+            for _ in range(warmup):
+                runner.predict(obs)
+                bar.update()
+        for r, n in enumerate(per_round):
+            for i, runner in enumerate(runners):
+                if r > 0:
+                    runner.predict(obs)
+                    bar.update()
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    runner.predict(obs)
+                    times[i].append(time.perf_counter() - t0)
+                    nfes[i].append(runner.last_nfe)
+                    bar.update()
+    out = []
+    for runner, t, n in zip(runners, times, nfes):
+        p50, p99 = percentiles_ms(t)
+        out.append({
+            "nfe_per_chunk": int(np.median(n)),
+            "latency_ms_p50": p50,
+            "latency_ms_p99": p99,
+            "ms_per_action": p50 / runner.n_action_steps,
+            "n_action_steps": runner.n_action_steps,
+            "latency_samples_ms": [x * 1e3 for x in t],
+        })
+    return out
 
 
 def evaluate(
