@@ -3,8 +3,8 @@
 # marked "timing, fresh weights"), then print the tables as markdown with the CPU and torch version in the
 # caption. README.md's tables are pasted from benchmarks/results/readme/README_tables.md.
 #
-#   bash benchmarks/readme.sh            # 9 minutes on a 2-core Xeon; Lift rows need the sim extra (robosuite)
-#   LIFT=0 bash benchmarks/readme.sh     # without the Lift rows (their robosuite rollouts take 2 of those minutes)
+#   bash benchmarks/readme.sh            # Lift rows need the sim extra (robosuite), driving rows the drive extra
+#   LIFT=0 HIGHWAY=0 bash benchmarks/readme.sh   # without the Lift (robosuite) or driving (highway-env) rows
 #
 # Every step writes a JSON report (rtdp's json=PATH contract) under benchmarks/results/readme/ and is skipped
 # when that report exists, so an interrupted run resumes; delete the folder to measure again. Nothing else
@@ -55,6 +55,22 @@ elif $PY -c "import robosuite" 2>/dev/null; then
         episodes=$EP calls=${N:-10} threads=$T json=$R/lift.json
 else
     echo "readme.sh: robosuite is not installed (pip install -e '.[sim]'): the Lift rows are left out"
+fi
+
+# 5. Driving planners (highway-env, the drive extra): the scorer's check on the expert's logged futures, then the
+#    three shipped planners side by side on the same held-out scenes (driven once by the expert on seeds 100000..,
+#    in all cores, and kept in outputs/scenes; PDMS, NFE, latency, diversity).
+S="${SCENES:-1000}"
+if [ "${HIGHWAY:-1}" = 0 ]; then
+    echo "readme.sh: HIGHWAY=0: the driving rows are left out"
+elif $PY -c "import highway_env" 2>/dev/null; then
+    run $R/highway_expert.json $RTDP eval task=highway expert=true scenes=$S bev=0 out=outputs/readme/highway_expert \
+        json=$R/highway_expert.json
+    run $R/highway.json $RTDP bench task=highway checkpoint=$C/highway/checkpoint \
+        checkpoints=[$C/highway_diffusion_plan/checkpoint,$C/highway_regression/checkpoint] scenes=$S \
+        calls=${N:-100} threads=$T json=$R/highway.json
+else
+    echo "readme.sh: highway-env is not installed (pip install -e '.[drive]'): the driving rows are left out"
 fi
 
 $PY benchmarks/readme_tables.py "$R" | tee "$R/README_tables.md"

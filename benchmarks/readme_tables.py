@@ -4,6 +4,7 @@
 
 Every number comes from a JSON report of this run or from a shipped checkpoint's
 files (meta.json: demonstrations and training time; model.safetensors: size).
+The highway reports carry their planners' training steps and time themselves.
 """
 
 from __future__ import annotations
@@ -120,8 +121,49 @@ def caching_table(folder: Path) -> list[str]:
     return lines
 
 
+SCENARIOS = ("highway", "merge", "roundabout", "intersection")
+TERMS = ("pdms", "nc", "dac", "ttc", "ep", "comfort")
+
+
+def _planners(folder: Path):
+    """(label, row) of the expert's logged futures and every planner configuration, or nothing."""
+    expert, bench = _load(folder, "highway_expert"), _load(folder, "highway")
+    if expert is None or bench is None:
+        return
+    yield "expert's logged future", expert
+    for r in bench["configs"]:
+        yield f"`{_shipped(r['checkpoint'])}` ({r['policy']}) {r['name'].split(':')[-1]}", r
+
+
+def highway_table(folder: Path) -> list[str]:
+    lines = ["| planner | NFE / plan | ms p50 / p99 | PDMS | NC | DAC | TTC | EP | C | diversity | training |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r in _planners(folder):
+        timing = "–" if r.get("latency_ms_p50") is None else f"{r['latency_ms_p50']:.1f} / {r['latency_ms_p99']:.1f}"
+        spread = f"{r['diversity']:.2f} m" if "diversity" in r else "–"
+        training = (f"{r['train_steps']:,} steps, {r['train_time_s'] / 60:.0f} min" if r.get("train_time_s") else "–")
+        nfe = r["nfe_per_plan"] if r.get("checkpoint") else "–"
+        lines.append(f"| {label} | {nfe} | {timing} | " + " | ".join(f"{r[k]:.3f}" for k in TERMS)
+                     + f" | {spread} | {training} |")
+    return lines
+
+
+def highway_scenario_table(folder: Path) -> list[str]:
+    rows = list(_planners(folder))
+    if not rows:
+        return []
+    counts = rows[0][1]["per_scenario"]
+    lines = ["| planner | " + " | ".join(f"{s} ({counts[s]['scenes']})" for s in SCENARIOS) + " | all |",
+             "|---|" + "---|" * (len(SCENARIOS) + 1)]
+    for label, r in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{r['per_scenario'][s]['pdms']:.3f}" for s in SCENARIOS)
+                     + f" | {r['pdms']:.3f} |")
+    return lines
+
+
 def main(folder: Path) -> None:
-    reports = [r for n in ("pusht", "lift", "dp_lowdim", "dp_image", "pusht_transformer") if (r := _load(folder, n))]
+    reports = [r for n in ("pusht", "lift", "dp_lowdim", "dp_image", "pusht_transformer", "highway")
+               if (r := _load(folder, n))]
     threads = {r["threads"] for r in reports}
     devices = sorted({r["device"] for r in reports}) or [device_name()]
     print(f"Measured by `bash benchmarks/readme.sh` on {' and '.join(devices)}, torch {torch.__version__}, "
@@ -130,7 +172,9 @@ def main(folder: Path) -> None:
     for title, table in (("Success of the shipped policies", success_table(folder)),
                          ("Fast policies against DDPM-100 (shipped checkpoints, same seeds, one run)", speed_table(folder)),
                          ("Diffusion Policy's network sizes", timing_table(folder)),
-                         ("Caching (BAC, uniform, DeepCache)", caching_table(folder))):
+                         ("Caching (BAC, uniform, DeepCache)", caching_table(folder)),
+                         ("Driving planners on held-out highway scenes (PDMS and its terms)", highway_table(folder)),
+                         ("PDMS per scenario (scenes)", highway_scenario_table(folder))):
         if len(table) > 2:
             print(f"**{title}**\n")
             print("\n".join(table) + "\n")

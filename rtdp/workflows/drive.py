@@ -375,6 +375,8 @@ def _print_drive(report: dict[str, Any]) -> None:
 
 def run_eval(cfg) -> dict[str, Any]:
     """CLI entry: ``rtdp eval task=highway checkpoint=DIR [scenes=1000] [steps=N] json=PATH`` (or ``expert=true``)."""
+    from rtdp.workflows.machine import physical_cores
+
     if not cfg.expert and not cfg.checkpoint:
         raise ConfigError("rtdp eval task=highway needs checkpoint=<planner folder> or expert=true")
     for key in ("precision", "record_obs"):  # action-policy keys: refuse rather than ignore them
@@ -384,7 +386,8 @@ def run_eval(cfg) -> dict[str, Any]:
         None if cfg.expert else cfg.checkpoint, scenes=int(cfg.get("scenes") or 1000), sampler=cfg.sampler,
         steps=cfg.steps, first_seed=int(cfg.first_seed if cfg.get("first_seed") is not None else 100000),
         scenario=str(cfg.get("scenario") or "mixed"), seed=int(cfg.seed), calls=int(cfg.latency_calls),
-        threads=int(cfg.threads), bev=int(cfg.get("bev", 6)), out=cfg.out, use_expert=bool(cfg.expert))
+        threads=int(cfg.threads), bev=int(cfg.get("bev", 6)), out=cfg.out, use_expert=bool(cfg.expert),
+        workers=physical_cores())  # the held-out scenes are driven once, before anything is timed
     _print_drive(report)
     if cfg.json:
         Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
@@ -402,8 +405,10 @@ def bench_planners(checkpoints: list[str], *, configs: list[str] | None = None, 
     from rtdp.envs.highway_score import score_plans, summarize
     from rtdp.policies.registry import family_of
 
+    from rtdp.workflows.machine import physical_cores
+
     torch.set_num_threads(int(threads))
-    data = held_out_scenes(int(scenes), first_seed=int(first_seed))
+    data = held_out_scenes(int(scenes), first_seed=int(first_seed), workers=physical_cores())  # before any timing
     rows = []
     for ckpt in checkpoints:
         planner = load_planner(ckpt)
