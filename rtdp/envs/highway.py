@@ -45,7 +45,7 @@ SCENE_EVERY_S = 1.0
 COMMANDS = ("left", "straight", "right", "unknown")
 
 # version of the scene contents (keys, shapes, lane sampling, expert); caches of scenes are keyed by it
-SCENE_FORMAT = 1
+SCENE_FORMAT = 2  # 2: vehicles keyed per episode (1 keyed them by id(), which CPython reuses)
 
 # shape of every scene array (see /docs in highway_score and the module docstring)
 SCENE_KEYS: dict[str, tuple[int, ...]] = {
@@ -286,6 +286,7 @@ class HighwayEnv(gymnasium.Env):
         self.progress = 0.0
         self.crashed = self.offroad = False
         self.log = []
+        self._next_key = 0
         self._record()
         return self._maybe_observation(), self._info()
 
@@ -338,7 +339,13 @@ class HighwayEnv(gymnasium.Env):
         for v in self.inner.road.vehicles:
             if v is ego:
                 continue
-            vehicles[id(v)] = (float(v.position[0]), float(v.position[1]), float(v.heading), float(v.speed),
+            # a key of the episode in first-seen order, not id(v): ids order vehicles at equal distances
+            # differently from run to run, and CPython may give a removed vehicle's id to a new one
+            key = getattr(v, "_log_key", None)
+            if key is None:
+                key = v._log_key = self._next_key
+                self._next_key += 1
+            vehicles[key] = (float(v.position[0]), float(v.position[1]), float(v.heading), float(v.speed),
                                float(v.LENGTH), float(v.WIDTH))
         self.log.append({
             "ego": (float(ego.position[0]), float(ego.position[1]), float(ego.heading), float(ego.speed),
