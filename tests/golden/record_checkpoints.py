@@ -59,7 +59,11 @@ BATCH = 2
 LOSS_CHECKPOINTS = ("pusht", "pusht_edm", "transformer_tiny")
 # Driving planners (not action policies): (checkpoint, case name, denoising steps); their plans live in their
 # own file, recorded on their own machine (``--planners``)
-PLANNER_CASES: list[tuple[str, str, int]] = [("highway", "anchor-2", 2), ("highway", "anchor-1", 1)]
+PLANNER_CASES: list[tuple[str, str, int]] = [
+    ("highway", "anchor-2", 2), ("highway", "anchor-1", 1),
+    ("highway_diffusion_plan", "ddim-20", 20), ("highway_diffusion_plan", "ddim-2", 2),
+    ("highway_regression", "regress-1", 1),
+]
 PLANNER_FILE = HERE / "planner_plans.safetensors"
 
 
