@@ -41,8 +41,10 @@ run $R/pusht_transformer.json $RTDP bench checkpoint=$C/pusht_transformer/checkp
 # 3. Diffusion Policy's own network sizes, fresh weights (timing only; their actions mean nothing).
 run $R/dp_lowdim.json $RTDP bench size=dp_lowdim configs=[ddpm-100,ddpm-100+deepcache3,edm-3,stream-1,stream-2+int8dyn] \
     calls=${N:-10} warmup=2 threads=$T json=$R/dp_lowdim.json
+# bf16 and weight-only int8 (bf16 activations) need native bfloat16 (AVX512-BF16 or AMX); other CPUs leave them out
+BF16=$($PY -c "from rtdp.core.fastnet import bf16_supported; print(',ddim-10+bf16,ddim-10+int8' if bf16_supported() else '')")
 run $R/dp_image.json $RTDP bench size=dp_image \
-    configs=[ddpm-100,edm-3,stream-1,stream-2+int8dyn,ddim-10,ddim-10+fast,ddim-10+bf16,ddim-10+int8,ddim-10+int8dyn] \
+    configs=[ddpm-100,edm-3,stream-1,stream-2+int8dyn,ddim-10,ddim-10+fast$BF16,ddim-10+int8dyn] \
     calls=${N:-5} warmup=2 threads=$T json=$R/dp_image.json
 
 # 4. Lift (robosuite): the shipped DDPM policy, with and without DeepCache, and its scripted expert.
