@@ -43,7 +43,9 @@ def parse_config(name: str) -> BenchConfig:
     M = 10 by default), ``+compile`` (the network through ``torch.compile``),
     ``+anchor<T>`` (truncated start from k-means anchors of the training actions,
     noised to training step T, then ``steps`` sampler steps from there; one more
-    network call per chunk picks the anchor; T = 30 by default). T is checked
+    network call per chunk picks the anchor; T = 30 by default), ``+pdm`` (a driving
+    planner chooses among its candidates by their predicted PDM score,
+    ``rtdp.envs.plan_selection``). T is checked
     against the policy's ``num_train_timesteps`` where the policy is known
     (``rtdp.policies.runner.Runner``), not here.
 
@@ -71,6 +73,8 @@ def parse_config(name: str) -> BenchConfig:
             options["cache"] = f"{key}{value or DEFAULT_CACHE_BUDGET}"
         elif opt == "compile":
             options["compile"] = True
+        elif opt == "pdm":
+            options["select"] = "pdm"
         elif opt in PRECISION_OPTIONS:
             if "precision" in options:
                 raise ConfigError(f"configuration {name!r}: give at most one of +{', +'.join(PRECISION_OPTIONS)}")

@@ -311,6 +311,12 @@ class HighwayEnv(gymnasium.Env):
         """The observation (``OBS_KEYS``) at the current step."""
         return self._observation(len(self.log) - 1)
 
+    def scene_inputs(self) -> dict[str, np.ndarray]:
+        """The observation plus the ``route`` polyline at the current step: what a planner that checks its
+        candidates against the road and the route reads (``rtdp.envs.plan_selection``)."""
+        scene = self._scene_inputs(len(self.log) - 1)
+        return {k: scene[k] for k in (*OBS_KEYS, "route")}
+
     def _maybe_observation(self) -> dict[str, np.ndarray]:
         return self.observation() if self.observe else {}
 

@@ -498,4 +498,7 @@ def run_control(cfg) -> dict[str, Any]:
 
 def run(cfg) -> None:
     """CLI entry."""
+    if cfg.get("select") is not None:
+        raise ConfigError("select= chooses among a driving planner's candidates (task=highway); an action policy "
+                          "returns one chunk")
     run_control(cfg)

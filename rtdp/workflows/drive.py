@@ -154,13 +154,6 @@ def run_collect(cfg) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def _obs(scenes: dict[str, np.ndarray], rows: slice | np.ndarray) -> dict[str, np.ndarray]:
-    """Planner observations ``{key: (B, 1, *shape)}`` of some scenes."""
-    from rtdp.envs.highway import OBS_KEYS
-
-    return {k: scenes[k][rows][:, None] for k in OBS_KEYS}
-
-
 def _rows(scenes: dict[str, np.ndarray], rows) -> dict[str, np.ndarray]:
     return {k: v[rows] for k, v in scenes.items()}
 
@@ -180,25 +173,52 @@ def load_planner(checkpoint: str | Path):
     return model.eval()
 
 
+SELECTIONS = ("pdm",)
+SELECT_SAMPLES = 20  # candidates vanilla diffusion samples per scene to choose from (the anchored planner's K)
+
+
+def plan_batch(planner, scenes: dict[str, np.ndarray], *, steps: int | None, generator=None,
+               n_candidates: int | None = None, select: str | None = None) -> dict[str, Any]:
+    """Plan every scene of ``scenes`` (batched arrays holding at least the planner inputs; with ``select``
+    also ``route``): plans (B, 8, 2), candidates (B, K, 8, 2) or None, scores (B, K) or None, nfe.
+
+    ``select="pdm"`` chooses the plan among the candidates by their predicted PDM score
+    (``rtdp.envs.plan_selection``); vanilla diffusion then samples ``SELECT_SAMPLES`` candidates unless
+    ``n_candidates`` says otherwise, and a single-mode planner keeps its one plan.
+    """
+    from rtdp.envs.highway import OBS_KEYS
+
+    if select is not None and select not in SELECTIONS:
+        raise ConfigError(f"select={select!r}: a planner's plan is its own choice (null) or chosen by predicted PDM "
+                          f"score ({', '.join(SELECTIONS)})")
+    if select is not None and n_candidates is None:
+        n_candidates = SELECT_SAMPLES
+    res = planner.plan({k: scenes[k][:, None] for k in OBS_KEYS}, steps=steps, generator=generator,
+                       n_candidates=n_candidates)
+    plan = res.plan.float().cpu().numpy()
+    cands = None if res.candidates is None else res.candidates.float().cpu().numpy()
+    scores = None if res.scores is None else res.scores.float().cpu().numpy()
+    if select is not None and cands is not None:
+        from rtdp.envs.plan_selection import select as choose
+
+        idx, _ = choose(cands, scenes, scores)
+        plan = cands[np.arange(len(idx)), idx]
+    return {"plans": plan, "candidates": cands, "scores": scores, "nfe": int(res.nfe)}
+
+
 def plan_scenes(planner, scenes: dict[str, np.ndarray], *, steps: int | None, seed: int = 0, batch: int = 100,
-                n_candidates: int | None = None) -> dict[str, Any]:
-    """Plans (N, 8, 2), candidates (N, K, 8, 2) or None, scores (N, K) or None and network calls per plan."""
+                n_candidates: int | None = None, select: str | None = None) -> dict[str, Any]:
+    """Plans (N, 8, 2), candidates (N, K, 8, 2) or None, scores (N, K) or None and network calls per plan
+    (``plan_batch`` over batches of scenes)."""
     import torch
 
     n = len(scenes["action"])
     gen = torch.Generator().manual_seed(int(seed))
-    plans, cands, scores, nfe = [], [], [], 0
-    for start in range(0, n, batch):
-        rows = slice(start, min(n, start + batch))
-        res = planner.plan(_obs(scenes, rows), steps=steps, generator=gen, n_candidates=n_candidates)
-        plans.append(res.plan.float().cpu().numpy())
-        if res.candidates is not None:
-            cands.append(res.candidates.float().cpu().numpy())
-        if res.scores is not None:
-            scores.append(res.scores.float().cpu().numpy())
-        nfe = res.nfe
-    return {"plans": np.concatenate(plans), "candidates": np.concatenate(cands) if cands else None,
-            "scores": np.concatenate(scores) if scores else None, "nfe": int(nfe)}
+    parts = [plan_batch(planner, _rows(scenes, slice(start, min(n, start + batch))), steps=steps, generator=gen,
+                        n_candidates=n_candidates, select=select) for start in range(0, n, batch)]
+    joined = {k: None if parts[0][k] is None else np.concatenate([p[k] for p in parts])
+              for k in ("plans", "candidates", "scores")}
+    return {**joined, "nfe": parts[-1]["nfe"]}
 
 
 DIVERSITY_TOP_K = 5
@@ -228,17 +248,18 @@ def diversity(candidates: np.ndarray | None, scores: np.ndarray | None = None, k
 
 
 def plan_latency(planner, scenes: dict[str, np.ndarray], *, steps: int | None, calls: int = 50,
-                 warmup: int = 5) -> dict[str, float]:
-    """Wall time of one batch-1 ``plan`` after warm-up, over ``calls`` different scenes (median, p99, ms)."""
+                 warmup: int = 5, select: str | None = None) -> dict[str, float]:
+    """Wall time of one batch-1 plan (``plan_batch``, the selection included) after warm-up, over ``calls``
+    different scenes (median, p99, ms)."""
     import torch
 
     n = len(scenes["action"])
     gen = torch.Generator().manual_seed(0)
     times = []
     for i in range(warmup + calls):
-        obs = _obs(scenes, slice(i % n, i % n + 1))
+        one = _rows(scenes, slice(i % n, i % n + 1))
         t = time.perf_counter()
-        planner.plan(obs, steps=steps, generator=gen)
+        plan_batch(planner, one, steps=steps, generator=gen, select=select)
         if i >= warmup:
             times.append((time.perf_counter() - t) * 1e3)
     return {"latency_ms_p50": float(np.median(times)), "latency_ms_p99": float(np.percentile(times, 99))}
@@ -317,7 +338,7 @@ def bev_picture(scene: dict[str, np.ndarray], path: Path, *, plan: np.ndarray | 
 def evaluate_planner(checkpoint: str | Path | None, *, scenes: int = 1000, sampler: str | None = None,
                      steps: int | None = None, first_seed: int = 100000, scenario: str = "mixed", seed: int = 0,
                      calls: int = 50, threads: int = 2, bev: int = 6, out: str | Path | None = None,
-                     use_expert: bool = False, workers: int = 1) -> dict[str, Any]:
+                     use_expert: bool = False, workers: int = 1, select: str | None = None) -> dict[str, Any]:
     """PDM score of a planner (or of the expert's logged future) on held-out scenes; see ``run_eval``."""
     import torch
 
@@ -333,8 +354,8 @@ def evaluate_planner(checkpoint: str | Path | None, *, scenes: int = 1000, sampl
     else:
         planner = load_planner(checkpoint)
         setting, n_steps = _setting(planner, sampler, steps)
-        planned = plan_scenes(planner, data, steps=n_steps, seed=seed)
-        lat = plan_latency(planner, data, steps=n_steps, calls=calls)
+        planned = plan_scenes(planner, data, steps=n_steps, seed=seed, select=select)
+        lat = plan_latency(planner, data, steps=n_steps, calls=calls, select=select)
     scores = score_plans(planned["plans"], data)
     summary = summarize(scores, data["scenario"][:, 0].astype(int))
     pictures = []
@@ -351,6 +372,7 @@ def evaluate_planner(checkpoint: str | Path | None, *, scenes: int = 1000, sampl
         "checkpoint": None if use_expert else str(checkpoint),
         "sampler": setting,
         "steps": n_steps,
+        "select": select,
         **summary,
         "nfe_per_plan": planned["nfe"],
         **lat,
@@ -387,7 +409,8 @@ def run_eval(cfg) -> dict[str, Any]:
         steps=cfg.steps, first_seed=int(cfg.first_seed if cfg.get("first_seed") is not None else 100000),
         scenario=str(cfg.get("scenario") or "mixed"), seed=int(cfg.seed), calls=int(cfg.latency_calls),
         threads=int(cfg.threads), bev=int(cfg.get("bev", 6)), out=cfg.out, use_expert=bool(cfg.expert),
-        workers=physical_cores())  # the held-out scenes are driven once, before anything is timed
+        workers=physical_cores(),  # the held-out scenes are driven once, before anything is timed
+        select=cfg.get("select"))
     _print_drive(report)
     if cfg.json:
         Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
@@ -418,15 +441,16 @@ def bench_planners(checkpoints: list[str], *, configs: list[str] | None = None, 
         names = [c for c in (configs or family.bench_configs) if family.serves(parse_config(c).sampler)]
         for name in names:
             bc = parse_config(name)
-            if bc.options:
-                raise ConfigError(f"configuration {name!r}: planners take <setting>-<steps> only, no +options")
-            planned = plan_scenes(planner, data, steps=bc.steps, seed=seed)
+            if set(bc.options) - {"select"}:
+                raise ConfigError(f"configuration {name!r}: planners take <setting>-<steps>[+pdm] only")
+            sel = bc.options.get("select")
+            planned = plan_scenes(planner, data, steps=bc.steps, seed=seed, select=sel)
             summary = summarize(score_plans(planned["plans"], data), data["scenario"][:, 0].astype(int))
             spread = plan_scenes(planner, data, steps=bc.steps, seed=seed + 1, n_candidates=n_candidates)
             rows.append({
                 "name": f"{family.name}:{name}", "policy": family.name, "checkpoint": str(ckpt), "sampler": bc.sampler,
                 "steps": bc.steps, "nfe_per_plan": planned["nfe"],
-                **plan_latency(planner, data, steps=bc.steps, calls=calls),
+                **plan_latency(planner, data, steps=bc.steps, calls=calls, select=sel),
                 **{k: summary[k] for k in ("pdms", "nc", "dac", "ttc", "ep", "comfort")},
                 "per_scenario": summary["per_scenario"],
                 "diversity": diversity(spread["candidates"], spread["scores"]),
@@ -473,7 +497,7 @@ def run_bench(cfg) -> dict[str, Any]:
 
 
 def drive_closed_loop(planner, scenario: str, seeds: list[int], *, steps: int | None = None, replan_hz: float = 2.0,
-                      seed: int = 0, video: Path | None = None, progress: bool = True) -> dict[str, Any]:
+                      seed: int = 0, video: Path | None = None, progress: bool = True, select: str | None = None) -> dict[str, Any]:
     """The planner drives the ego in highway-env: replans at ``replan_hz``, tracked at 10 Hz; or the expert.
 
     Args:
@@ -482,6 +506,7 @@ def drive_closed_loop(planner, scenario: str, seeds: list[int], *, steps: int | 
         seeds: one episode per seed.
         steps: the planner's denoising steps (default its own).
         replan_hz: plans per second; the tracker follows the last plan in between.
+        select: ``"pdm"``: choose each plan among the candidates by predicted PDM score (``plan_batch``).
         video: write the first episode's rollout here (``.mp4``/``.gif``).
 
     Returns:
@@ -511,9 +536,9 @@ def drive_closed_loop(planner, scenario: str, seeds: list[int], *, steps: int | 
                 action = expert.act(None)
             else:
                 if k % every == 0:
-                    obs = {key: v[None, None] for key, v in env.observation().items()}
+                    scene = {key: v[None] for key, v in env.scene_inputs().items()}
                     t0 = time.perf_counter()
-                    plan = planner.plan(obs, steps=steps, generator=gen).plan[0].float().numpy()
+                    plan = plan_batch(planner, scene, steps=steps, generator=gen, select=select)["plans"][0]
                     plan_ms.append((time.perf_counter() - t0) * 1e3)
                     tracker.set_plan(plan, np.array(ego.position), float(ego.heading), t)
                 action = tracker.command(np.array(ego.position), float(ego.heading), float(ego.speed), t)
@@ -569,7 +594,7 @@ def run_control(cfg) -> dict[str, Any]:
     for sc in scenarios:
         results[sc] = drive_closed_loop(planner, sc, seeds, steps=cfg.steps, replan_hz=float(cfg.get("rate_hz") or 2.0),
                                         seed=int(cfg.seed), video=out / f"drive_{sc}.mp4" if cfg.get("video", True)
-                                        else None)
+                                        else None, select=cfg.get("select"))
     rows = []
     for sc, r in results.items():
         lo, hi = wilson_interval(round(r["collision_rate"] * r["episodes"]), r["episodes"])
@@ -579,7 +604,7 @@ def run_control(cfg) -> dict[str, Any]:
                                                              if r["plan_ms_p50"] is not None else "")))
     print_table(f"rtdp control: highway, {'expert' if planner is None else cfg.checkpoint}", rows)
     report = {"task": "highway", "driver": "sim", "checkpoint": str(cfg.checkpoint),
-              "replan_hz": float(cfg.get("rate_hz") or 2.0), "per_scenario": results}
+              "replan_hz": float(cfg.get("rate_hz") or 2.0), "select": cfg.get("select"), "per_scenario": results}
     if cfg.json:
         Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.json).write_text(json.dumps(report, indent=2))

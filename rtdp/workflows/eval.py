@@ -294,6 +294,9 @@ def run(cfg) -> dict[str, Any]:
     """CLI entry: ``rtdp eval checkpoint=DIR episodes=50 sampler=ddim steps=10 json=PATH``."""
     from rtdp.cli import task_name
 
+    if cfg.get("select") is not None:
+        raise ConfigError("select= chooses among a driving planner's candidates (task=highway); an action policy "
+                          "returns one chunk")
     report = evaluate(
         None if cfg.expert else cfg.checkpoint,
         task_name=task_name(cfg),
