@@ -45,7 +45,8 @@ SCENE_EVERY_S = 1.0
 COMMANDS = ("left", "straight", "right", "unknown")
 
 # version of the scene contents (keys, shapes, lane sampling, expert); caches of scenes are keyed by it
-SCENE_FORMAT = 2  # 2: vehicles keyed per episode (1 keyed them by id(), which CPython reuses)
+# 2: vehicles keyed per episode (1 keyed them by id()); 3: every episode starts from highway-env's IDM constants
+SCENE_FORMAT = 3
 
 # shape of every scene array (see /docs in highway_score and the module docstring)
 SCENE_KEYS: dict[str, tuple[int, ...]] = {
@@ -94,6 +95,25 @@ def _require_highway_env():
     except ImportError as exc:
         raise MissingDependencyError(
             "the highway scenes need highway-env: pip install -e '.[drive]' (highway-env 1.12)") from exc
+
+
+_IDM_CONSTANTS = ("DISTANCE_WANTED", "COMFORT_ACC_MAX", "COMFORT_ACC_MIN")
+_idm_defaults: dict[str, float] = {}
+
+
+def _restore_idm_constants() -> None:
+    """Put highway-env's IDMVehicle class constants back to its own values.
+
+    highway-env's intersection sets these on the class at every reset, and they then hold for every later
+    episode of any scenario in the process: an episode depended on which episodes its process had driven
+    before (with collection workers, on scheduling). Read once, at the first reset of the process.
+    """
+    from highway_env.vehicle.behavior import IDMVehicle
+
+    if not _idm_defaults:
+        _idm_defaults.update({k: getattr(IDMVehicle, k) for k in _IDM_CONSTANTS})
+    for k, v in _idm_defaults.items():
+        setattr(IDMVehicle, k, v)
 
 
 def _ego_vehicle_class():
@@ -265,6 +285,7 @@ class HighwayEnv(gymnasium.Env):
         self.rng = np.random.default_rng(seed)
         if self.scenario == "intersection":
             env.unwrapped.config["destination"] = f"o{int(self.rng.integers(1, 4))}"
+        _restore_idm_constants()
         env.reset(seed=seed)
         u = env.unwrapped
         old = u.vehicle

@@ -107,13 +107,17 @@ def time_runner(runner, obs: dict[str, np.ndarray], *, calls: int = 50, warmup: 
     return time_runners([runner], obs, calls=calls, warmup=warmup)[0]
 
 
+REWARM_BELOW_S = 0.05  # time_runners re-warms a runner between rounds only when its calls are shorter
+
+
 def time_runners(runners: list, obs: dict[str, np.ndarray], *, calls: int = 50, warmup: int = 5,
                  rounds: int = 1, progress: bool = False) -> list[dict[str, Any]]:
     """Time several runners side by side: ``time_runner``'s keys for each, in order.
 
     With ``rounds`` > 1 the calls are interleaved: every runner is warmed up, then
     each round times ``calls / rounds`` consecutive calls of every runner in turn,
-    after one untimed call that brings its weights back into the caches. A slow
+    after one untimed call that brings its weights back into the caches (left out
+    for calls over ``REWARM_BELOW_S``, where the caches do not matter). A slow
     spell of a shared machine then falls on every runner alike instead of on
     whichever was being timed, so the ratios of the medians hold steadier.
     """
@@ -133,7 +137,7 @@ def time_runners(runners: list, obs: dict[str, np.ndarray], *, calls: int = 50, 
                 bar.update()
         for r, n in enumerate(per_round):
             for i, runner in enumerate(runners):
-                if r > 0:
+                if r > 0 and times[i][-1] < REWARM_BELOW_S:
                     runner.predict(obs)
                     bar.update()
                 for _ in range(n):
