@@ -140,6 +140,8 @@ def time_runners(runners: list, obs: dict[str, np.ndarray], *, calls: int = 50, 
                 if r > 0 and times[i][-1] < REWARM_BELOW_S:
                     runner.predict(obs)
                     bar.update()
+                elif r > 0:
+                    bar.total -= 1  # no re-warm call for this runner
                 for _ in range(n):
                     t0 = time.perf_counter()
                     runner.predict(obs)
