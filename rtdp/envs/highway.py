@@ -29,6 +29,7 @@ import numpy as np
 
 # the scene's time grid and scenario names are the scorer's (one definition): the plan is PLAN_STEPS poses
 # PLAN_DT apart (8 at 2 Hz), agent futures FUTURE_STEPS at 10 Hz (0.0 .. 4.0 s)
+from rtdp.envs.highway_idm import restore_idm_constants
 from rtdp.envs.highway_score import N_STEPS as FUTURE_STEPS
 from rtdp.envs.highway_score import PLAN_DT, PLAN_STEPS, SCENARIOS
 from rtdp.errors import ConfigError, MissingDependencyError
@@ -95,25 +96,6 @@ def _require_highway_env():
     except ImportError as exc:
         raise MissingDependencyError(
             "the highway scenes need highway-env: pip install -e '.[drive]' (highway-env 1.12)") from exc
-
-
-_IDM_CONSTANTS = ("DISTANCE_WANTED", "COMFORT_ACC_MAX", "COMFORT_ACC_MIN")
-_idm_defaults: dict[str, float] = {}
-
-
-def _restore_idm_constants() -> None:
-    """Put highway-env's IDMVehicle class constants back to its own values.
-
-    highway-env's intersection sets these on the class at every reset, and they then hold for every later
-    episode of any scenario in the process: an episode depended on which episodes its process had driven
-    before (with collection workers, on scheduling). Read once, at the first reset of the process.
-    """
-    from highway_env.vehicle.behavior import IDMVehicle
-
-    if not _idm_defaults:
-        _idm_defaults.update({k: getattr(IDMVehicle, k) for k in _IDM_CONSTANTS})
-    for k, v in _idm_defaults.items():
-        setattr(IDMVehicle, k, v)
 
 
 def _ego_vehicle_class():
@@ -285,7 +267,7 @@ class HighwayEnv(gymnasium.Env):
         self.rng = np.random.default_rng(seed)
         if self.scenario == "intersection":
             env.unwrapped.config["destination"] = f"o{int(self.rng.integers(1, 4))}"
-        _restore_idm_constants()
+        restore_idm_constants()
         env.reset(seed=seed)
         u = env.unwrapped
         old = u.vehicle

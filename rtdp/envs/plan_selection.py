@@ -21,9 +21,26 @@ from collections.abc import Mapping
 import numpy as np
 
 from rtdp.envs.highway_score import DT, N_STEPS, score_plans
+from rtdp.errors import ConfigError
 
 SCORE_WEIGHT = 0.1  # weight of the planner's own (softmax) score beside the predicted PDMS
 SELECTION_KEYS = ("ego_state", "agents", "lanes", "route")
+SELECTIONS = ("pdm",)
+SELECT_SAMPLES = 20  # candidates vanilla diffusion samples per scene to choose from (the anchored planner's K)
+
+
+def candidates_to_sample(select: str | None, n_candidates: int | None) -> int | None:
+    """How many candidates a planner samples under ``select`` (``SELECT_SAMPLES`` unless given).
+
+    Raises:
+        ConfigError: an unknown selection.
+    """
+    if select is None:
+        return n_candidates
+    if select not in SELECTIONS:
+        raise ConfigError(f"select={select!r}: a planner's plan is its own choice (null) or chosen by predicted PDM "
+                          f"score ({', '.join(SELECTIONS)})")
+    return SELECT_SAMPLES if n_candidates is None else n_candidates
 
 
 def constant_velocity_futures(agents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

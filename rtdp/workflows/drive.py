@@ -173,26 +173,15 @@ def load_planner(checkpoint: str | Path):
     return model.eval()
 
 
-SELECTIONS = ("pdm",)
-SELECT_SAMPLES = 20  # candidates vanilla diffusion samples per scene to choose from (the anchored planner's K)
-
-
 def plan_batch(planner, scenes: dict[str, np.ndarray], *, steps: int | None, generator=None,
                n_candidates: int | None = None, select: str | None = None) -> dict[str, Any]:
-    """Plan every scene of ``scenes`` (batched arrays holding at least the planner inputs; with ``select``
-    also ``route``): plans (B, 8, 2), candidates (B, K, 8, 2) or None, scores (B, K) or None, nfe.
-
-    ``select="pdm"`` chooses the plan among the candidates by their predicted PDM score
-    (``rtdp.envs.plan_selection``); vanilla diffusion then samples ``SELECT_SAMPLES`` candidates unless
-    ``n_candidates`` says otherwise, and a single-mode planner keeps its one plan.
-    """
+    """Plan every scene of ``scenes`` (batched planner inputs; with ``select`` also ``route``): plans (B, 8, 2),
+    candidates (B, K, 8, 2) or None, scores (B, K) or None, nfe. ``select="pdm"``: the plan is chosen among the
+    candidates by ``rtdp.envs.plan_selection`` (vanilla diffusion then samples ``SELECT_SAMPLES``)."""
     from rtdp.envs.highway import OBS_KEYS
+    from rtdp.envs.plan_selection import candidates_to_sample
 
-    if select is not None and select not in SELECTIONS:
-        raise ConfigError(f"select={select!r}: a planner's plan is its own choice (null) or chosen by predicted PDM "
-                          f"score ({', '.join(SELECTIONS)})")
-    if select is not None and n_candidates is None:
-        n_candidates = SELECT_SAMPLES
+    n_candidates = candidates_to_sample(select, n_candidates)
     res = planner.plan({k: scenes[k][:, None] for k in OBS_KEYS}, steps=steps, generator=generator,
                        n_candidates=n_candidates)
     plan = res.plan.float().cpu().numpy()
