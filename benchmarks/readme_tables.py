@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from rtdp.envs.highway_score import SCENARIOS
+from rtdp.envs.highway_score import TERMS as SCORE_TERMS
 from rtdp.workflows.machine import device_name
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "rtdp" / "assets" / "checkpoints"
@@ -121,8 +123,7 @@ def caching_table(folder: Path) -> list[str]:
     return lines
 
 
-SCENARIOS = ("highway", "merge", "roundabout", "intersection")
-TERMS = ("pdms", "nc", "dac", "ttc", "ep", "comfort")
+TERMS = ("pdms", *(t for t in SCORE_TERMS if t != "pdms"))  # PDMS first, then its terms
 
 
 def _planners(folder: Path):
