@@ -133,3 +133,60 @@ def test_timed_calls_interleave_across_configurations():
     log.clear()
     time_runners([a, b], {}, calls=3, warmup=0, rounds=1)  # one round: each timed in one block, as time_runner does
     assert log == ["a"] * 3 + ["b"] * 3
+
+
+def test_perturbation_is_off_by_default_and_moves_actions_below_1e_4():
+    """perturb=None hands the env's observations through untouched; a seed moves them by rounding-level noise."""
+    import numpy as np
+    import torch
+
+    from rtdp.envs import get_task, make
+    from rtdp.policies import load_policy
+    from rtdp.workflows.rollout import PERTURB_SCALE, perturber
+
+    env = make(get_task("pusht"))
+    obs, _ = env.reset(seed=100000)
+    env.close()
+    assert perturber(None, 100000)(obs) is obs
+    a, b, c = perturber(0, 100000)(obs), perturber(0, 100000)(obs), perturber(1, 100000)(obs)
+    for key, value in obs.items():
+        rel = np.abs(a[key] / value - 1)[value != 0]
+        assert a[key].dtype == value.dtype and np.array_equal(a[key], b[key]) and not np.array_equal(a[key], c[key])
+        assert 0 < rel.max() < 6 * PERTURB_SCALE
+    image = {"img": np.full((4, 4, 3), 7, np.uint8)}
+    assert np.array_equal(perturber(0, 1)(image)["img"], image["img"])
+    from rtdp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="non-negative ints"):
+        perturber(-1, 0)
+
+    policy = load_policy("rtdp/assets/checkpoints/pusht_edm/checkpoint")
+    noise = torch.randn(1, policy.config.horizon, policy.config.action_dim, generator=torch.Generator().manual_seed(0))
+
+    def act(o):
+        window = {k: np.stack([o[k]] * policy.config.n_obs_steps)[None] for k in policy.config.lowdim_shapes}
+        return policy.normalizer.normalize("action", policy.predict_action_chunk(window, noise=noise)).numpy()
+
+    moved = np.abs(act(a) - act(obs)).max()
+    assert 0 < moved < 1e-4  # normalised action units ([-1, 1])
+
+
+def test_bench_repeats_episodes_under_perturbation_seeds_and_pools_them(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "checkpoint=rtdp/assets/checkpoints/pusht/checkpoint", "configs=[ddim-3,ddim-1]",
+                 "episodes=2", "perturb=[0,5]", "calls=2", "warmup=1", "mse_observations=1", "threads=1",
+                 f"json={out}"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    ref, one = report["configs"]
+    assert report["perturb"] == [0, 5]
+    for r in (ref, one):
+        assert [q["perturb"] for q in r["perturbations"]] == [0, 5]
+        assert r["episodes"] == 4 and r["episode_success"] == sum((q["episode_success"] for q in r["perturbations"]), [])
+    for mine, theirs in [(one, ref), *zip(one["perturbations"], ref["perturbations"])]:
+        pairs = list(zip(theirs["episode_success"], mine["episode_success"]))
+        assert mine["paired_only_reference"] == sum(x and not y for x, y in pairs)
+        assert mine["paired_only_this"] == sum(y and not x for x, y in pairs)
+    assert "perturb 5" in capsys.readouterr().out
+    assert main(["bench", "checkpoint=rtdp/assets/checkpoints/pusht/checkpoint", "perturb=[0]"]) == 2
+    assert "give episodes= too" in capsys.readouterr().err

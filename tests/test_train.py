@@ -247,11 +247,11 @@ def test_dagger_round_trains_the_student_at_its_own_recorded_observations(tmp_pa
     for k, v in student.state_dict().items():
         assert torch.equal(v, ref[k]), k
 
-    with pytest.raises(ConfigError, match="anchor_obs feeds the consistency"):
+    with pytest.raises(ConfigError, match="anchor_obs gives a distilled student"):
         train(compose("train", [f"data={store}", f"out={tmp_path / 'x'}", f"anchor_obs={rec}", *TINY]))
     with pytest.raises(DatasetError, match="does not exist"):
         train(compose("train", [f"data={store}", f"out={tmp_path / 'y'}", "policy=consistency", teacher,
                                 f"anchor_obs={tmp_path / 'none.npz'}", *tiny]))
-    with pytest.raises(ConfigError, match="policy.init must be a consistency checkpoint"):
+    with pytest.raises(ConfigError, match="policy.init must be a policy=consistency checkpoint"):
         train(compose("train", [f"data={store}", f"out={tmp_path / 'z'}", "policy=consistency", teacher,
                                 f"policy.init={tmp_path / 'edm/checkpoint'}", *tiny]))

@@ -246,25 +246,26 @@ _SIZE = {"size": ("small", "U-Net size: small (32/64/128) | medium (64/128/256) 
                            "down_dims overrides it")}
 
 
-def _build_consistency(family: PolicyFamily, node: dict[str, Any], *, stats=None, **shapes: Any):
+def _build_distilled(family: PolicyFamily, node: dict[str, Any], *, stats=None, **shapes: Any):
+    """A student of ``family`` on its EDM teacher's network, starting from the teacher's weights (or ``init``)."""
     from rtdp.policies import load_policy
-    from rtdp.policies.consistency import ConsistencyUnetPolicy
     from rtdp.policies.edm_unet import EdmUnetPolicy
 
     if not node.get("teacher"):
-        raise ConfigError("policy=consistency distils an EDM policy: pass policy.teacher=<edm run>/checkpoint")
+        raise ConfigError(f"policy={family.name} distils an EDM policy: pass policy.teacher=<edm run>/checkpoint")
     teacher = load_policy(node["teacher"])
     if type(teacher) is not EdmUnetPolicy:
         raise ConfigError(f"policy.teacher must be an EDM checkpoint (policy=edm), got {type(teacher).__name__}")
-    cd = {k: node[k] for k in family.fields() if k in node}
-    data = {**teacher.config.to_dict(), "ladder_prob": 0.0, "num_inference_steps": 1, **cd}
-    student = ConsistencyUnetPolicy(family.config_class.from_dict(data))
+    own = {k: node[k] for k in family.fields() if k in node}
+    # a one-step student: no streaming ladder, one network evaluation
+    data = {**teacher.config.to_dict(), "ladder_prob": 0.0, "num_inference_steps": 1, **own}
+    student = family.policy_class(family.config_class.from_dict(data))
     student.load_state_dict(teacher.state_dict())
     if node.get("init"):
         # continue from an earlier student (e.g. a DAgger round) instead of the teacher's weights
         start = load_policy(node["init"])
-        if not isinstance(start, ConsistencyUnetPolicy):
-            raise ConfigError(f"policy.init must be a consistency checkpoint, got {type(start).__name__}")
+        if not isinstance(start, family.policy_class):
+            raise ConfigError(f"policy.init must be a policy={family.name} checkpoint, got {type(start).__name__}")
         try:
             student.load_state_dict(start.state_dict())
         except RuntimeError as exc:
@@ -273,10 +274,15 @@ def _build_consistency(family: PolicyFamily, node: dict[str, Any], *, stats=None
     return student
 
 
+_DISTILLED = {"teacher": (None, "an EDM checkpoint folder (rtdp train policy=edm ...)/checkpoint: required"),
+              "init": (None, "a checkpoint of this family to start from (a DAgger round) instead of the teacher")}
+
+
 def _register_builtins() -> None:
     from rtdp.policies.consistency import ConsistencyUnetPolicy
     from rtdp.policies.diffusion_unet import DiffusionUnetPolicy
     from rtdp.policies.edm_unet import EdmUnetPolicy
+    from rtdp.policies.onestep import OneStepUnetPolicy
     from rtdp.policies.planner import AnchorPlanner, DiffusionPlanner, RegressionPlanner
     from rtdp.policies.streaming import StreamingPolicy
     from rtdp.policies.transformer import TransformerDiffusionPolicy
@@ -295,10 +301,14 @@ def _register_builtins() -> None:
         name="consistency", policy_class=ConsistencyUnetPolicy, settings={"cm": None}, core_samplers=False,
         default_setting=lambda p: "cm", bench_configs=("cm-1", "cm-2"),
         cli_fields=("cd_scales", "cd_sigma_min", "cd_target_ema", "cd_anchor_weight", "cd_obs_noise"),
-        cli_extras={"teacher": (None, "an EDM checkpoint folder (rtdp train policy=edm ...)/checkpoint: required"),
-                    "init": (None, "a consistency checkpoint to start from (a DAgger round) instead of the teacher")},
-        build=_build_consistency, unet_sizes=True,
+        cli_extras=_DISTILLED, build=_build_distilled, unet_sizes=True,
         description="consistency policy distilled from an EDM policy; 1 network evaluation per chunk"))
+    register_family(PolicyFamily(
+        name="onestep", policy_class=OneStepUnetPolicy, settings={"onestep": None}, core_samplers=False,
+        default_setting=lambda p: "onestep", bench_configs=("onestep-1",),
+        cli_fields=("od_stochastic", "od_fake_steps", "od_fake_lr"), cli_extras=_DISTILLED,
+        build=_build_distilled, unet_sizes=True,
+        description="one-step policy distilled from an EDM policy by distribution matching (OneDP)"))
     register_family(PolicyFamily(
         name="transformer", policy_class=TransformerDiffusionPolicy,
         bench_configs=("ddpm-100", "ddpm-100+bac10", "ddpm-100+uniform10", "ddim-10"),

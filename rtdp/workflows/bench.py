@@ -142,7 +142,7 @@ def _normalised_actions(runner, obs, noise) -> np.ndarray:
 def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, obs_list, bandwidth_gbs: float,
                  episodes: int, batch: int, reference: dict | None, progress: bool,
                  fidelity: bool = True, calls: int = 50, warmup: int = 5, runner=None,
-                 timing: dict[str, Any] | None = None) -> dict[str, Any]:
+                 timing: dict[str, Any] | None = None, perturb: list[int] | None = None) -> dict[str, Any]:
     """Measure one configuration; returns DESIGN.md's per-configuration keys.
 
     ``runner`` and ``timing`` (``time_runners``' entry for it) come from a side-by-side
@@ -152,6 +152,10 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, obs_list, bandwidt
     With a packed or cached network (``precision``, ``deepcache``, ``cache``) and ``fidelity``, also
     ``action_mse_vs_plain``: its actions against the plain network's for the same
     configuration, noise and observations (normalised units).
+
+    ``perturb``: perturbation seeds; the episodes then run once per seed with rounding-level noise on
+    the observations (``rtdp.workflows.rollout.perturber``), pooled in ``episode_success`` and
+    listed one by one in ``perturbations``.
     """
     from rtdp.policies.runner import Runner
     from rtdp.workflows.eval import evaluate_checkpoint_policy, time_runner
@@ -211,18 +215,29 @@ def bench_config(cfg: BenchConfig, policy, task: TaskSpec, *, obs_list, bandwidt
     if episodes > 0:
         seeds = task.seeds(episodes)
         nfe_log: list[int] = []
-        res = evaluate_checkpoint_policy(policy, task, seeds, sampler=cfg.sampler, steps=cfg.steps, batch=batch,
-                                         progress=progress, nfe_log=nfe_log, **cfg.options)
+        runs = []
+        for p in perturb or [None]:
+            res = evaluate_checkpoint_policy(policy, task, seeds, sampler=cfg.sampler, steps=cfg.steps, batch=batch,
+                                             progress=progress, nfe_log=nfe_log, perturb=p, **cfg.options)
+            runs.append((p, res))
+        episodes_all = [e for _, res in runs for e in res.episodes]
+        n_success = sum(e.success for e in episodes_all)
         row.update({
             # Per episode and chunk; differs from nfe_per_chunk where NFE depends on the observation
             # (guidance skipping) or on the episode's start (streaming's first call builds the ladder).
             "nfe_per_chunk_rollout_mean": float(np.mean(nfe_log)) if nfe_log else None,
-            "episodes": len(res.episodes),
-            "success_rate": res.success_rate,
-            "success_ci95": list(wilson_interval(res.n_success, len(res.episodes))),
-            "mean_score": res.mean_score,
-            "episode_success": [bool(e.success) for e in res.episodes],  # in seed order, task.seeds(episodes)
+            "episodes": len(episodes_all),
+            "success_rate": n_success / len(episodes_all),
+            "success_ci95": list(wilson_interval(n_success, len(episodes_all))),
+            "mean_score": float(np.mean([e.score for e in episodes_all])),
+            # in seed order, task.seeds(episodes), once per perturbation seed in turn
+            "episode_success": [bool(e.success) for e in episodes_all],
         })
+        if perturb:
+            row["perturbations"] = [{
+                "perturb": p, "episodes": len(res.episodes), "success_rate": res.success_rate,
+                "success_ci95": list(wilson_interval(res.n_success, len(res.episodes))),
+                "episode_success": [bool(e.success) for e in res.episodes]} for p, res in runs]
     return row
 
 
@@ -238,9 +253,11 @@ def add_paired_comparisons(rows: list[dict[str, Any]]) -> None:
     for r in with_episodes:
         if r is ref or len(r["episode_success"]) != len(ref["episode_success"]):
             continue
-        cmp = paired_comparison(ref["episode_success"], r["episode_success"])
-        r.update({"paired_vs": ref["name"], "paired_only_reference": cmp["only_reference"],
-                  "paired_only_this": cmp["only_other"], "paired_p": cmp["p_value"]})
+        # pooled over perturbation seeds when there are some, and per seed in each `perturbations` entry
+        for mine, theirs in [(r, ref), *zip(r.get("perturbations", []), ref.get("perturbations", []))]:
+            cmp = paired_comparison(theirs["episode_success"], mine["episode_success"])
+            mine.update({"paired_vs": ref["name"], "paired_only_reference": cmp["only_reference"],
+                         "paired_only_this": cmp["only_other"], "paired_p": cmp["p_value"]})
 
 
 def bench(
@@ -260,8 +277,11 @@ def bench(
     fresh_tasks: dict[str, str] | None = None,
     calibration_dir: str | Path = "outputs/calibration",
     anchor_data: str | Path | None = None,
+    perturb: list[int] | None = None,
 ) -> dict[str, Any]:
     """Run every configuration and return the report dict (DESIGN.md's ``rtdp bench`` keys).
+
+    ``perturb``: perturbation seeds the episodes are repeated under (``bench_config``); [] or None: once, exact.
 
     ``anchor_data``: the replay buffer the anchors of ``+anchor<T>`` configurations come from
     (None: the ``data`` each checkpoint's meta.json records).
@@ -277,6 +297,11 @@ def bench(
         raise ConfigError("rtdp bench needs checkpoint=<dir> (or checkpoints=[...]) or size=dp_lowdim|dp_image")
     if checkpoints and size is not None:
         raise ConfigError("give either checkpoints (trained policies) or size (fresh policies for timing), not both")
+    perturb = [int(p) for p in perturb or []]
+    if any(p < 0 for p in perturb) or len(set(perturb)) != len(perturb):
+        raise ConfigError(f"perturb takes distinct non-negative seeds, e.g. [0,1,2]; got {perturb}")
+    if perturb and not episodes:
+        raise ConfigError("perturb repeats the episodes under observation noise: give episodes= too")
     policies, metas = [], []
     for path in checkpoints:
         policy, meta = load_checkpoint(path)
@@ -369,7 +394,8 @@ def bench(
                                        dynamic_ncols=True):
         rows.append(bench_config(c, p, task, runner=runner, timing=timing, obs_list=obs_list,
                                  bandwidth_gbs=bandwidth, episodes=int(episodes), batch=batch,
-                                 reference=references.get(id(p)), progress=progress, fidelity=size is None))
+                                 reference=references.get(id(p)), progress=progress, fidelity=size is None,
+                                 perturb=perturb))
         if "anchor_step" in c.options:
             rows[-1]["anchor_data"] = anchor_sets[id(p)][1]
     add_paired_comparisons(rows)
@@ -387,6 +413,7 @@ def bench(
         "memory_bandwidth_gbs": bandwidth,
         "calls": calls,
         "rounds": rounds,
+        "perturb": perturb,
         "configs": rows,
     }
 
@@ -442,6 +469,11 @@ def print_bench(report: dict[str, Any]) -> None:
         print(f"{r['name']:<18}{r['nfe_per_chunk']:>5}{r['latency_ms_p50']:>10.1f}{r['latency_ms_p99']:>10.1f}"
               f"{r['ms_per_action']:>9.2f}{r['ms_per_nfe']:>9.2f}{r['floor_ms_per_nfe']:>8.2f}{mse:>10}{mse_plain:>10}{sp:>11}"
               f"{succ:>22}{paired:>18}")
+        for q in r.get("perturbations", []):
+            lo, hi = q["success_ci95"]
+            paired = f"+{q['paired_only_this']}/-{q['paired_only_reference']} p={q['paired_p']:.2f}" if "paired_p" in q else ""
+            succ = f"{q['success_rate']:.0%} ({lo:.0%}-{hi:.0%}) n={q['episodes']}"
+            print(f"{'  perturb ' + str(q['perturb']):<{len(header) - 40}}{succ:>22}{paired:>18}")
 
 
 def run(cfg) -> dict[str, Any]:
@@ -468,6 +500,7 @@ def run(cfg) -> dict[str, Any]:
         fresh_tasks={"lowdim": str(cfg.fresh_task), "image": str(cfg.fresh_image_task)},
         calibration_dir=str(cfg.calibration_dir),
         anchor_data=None if cfg.get("anchor_data") is None else str(cfg.anchor_data),
+        perturb=[int(p) for p in cfg.get("perturb") or []],
     )
     print_bench(report)
     if cfg.json:

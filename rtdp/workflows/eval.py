@@ -56,12 +56,14 @@ def evaluate_checkpoint_policy(
     seed: int = 0,
     nfe_log: list[int] | None = None,
     obs_log: list[dict[str, np.ndarray]] | None = None,
+    perturb: int | None = None,
     **options: Any,
 ) -> RolloutResult:
     """Roll a policy out on ``seeds`` with one inference setting (see ``rtdp.policies.runner``).
 
     ``nfe_log``, when given, receives the network evaluations per sample of every (batched) call;
-    ``obs_log`` every (batched) observation window the policy was asked to act on.
+    ``obs_log`` every (batched) observation window the policy was asked to act on; ``perturb``
+    a perturbation seed (``rtdp.workflows.rollout.perturber``; None: the exact observations).
     """
     from rtdp.policies.runner import Runner
 
@@ -80,7 +82,7 @@ def evaluate_checkpoint_policy(
     try:
         return rollout_policy(
             predict, task, seeds, n_obs_steps=policy.config.n_obs_steps, obs_keys=_obs_keys(policy),
-            batch=batch, record_first=record_first, progress=progress, reset=runner.reset,
+            batch=batch, record_first=record_first, progress=progress, reset=runner.reset, perturb=perturb,
         )
     finally:
         policy.train(was_training)

@@ -15,6 +15,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rtdp.envs import TaskSpec, expert as make_expert, make
+from rtdp.errors import ConfigError
+
+# Relative size of the observation perturbation (``perturb=``): a few float32 roundings
+# (float32's machine epsilon is 1.2e-7), the size of the differences between two CPUs' arithmetic.
+PERTURB_SCALE = 1e-6
 
 
 @dataclass
@@ -55,6 +60,34 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
+def perturber(perturb: int | None, seed: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The observation perturbation of one episode: identity, or rounding-level noise seeded by (perturb, seed).
+
+    Float observations are multiplied by ``1 + PERTURB_SCALE * z``, z standard normal, drawn afresh
+    at every step from a generator seeded by the perturbation seed and the episode's seed, so an
+    episode is perturbed alike however episodes are batched. Integer observations (images) are untouched.
+
+    Raises:
+        ConfigError: a perturbation seed that is not a non-negative int.
+    """
+    if perturb is None:
+        return lambda obs: obs
+    if isinstance(perturb, bool) or not isinstance(perturb, (int, np.integer)) or perturb < 0:
+        raise ConfigError(f"perturbation seeds must be non-negative ints, got {perturb!r}")
+    rng = np.random.default_rng([int(perturb), int(seed)])
+
+    def apply(obs: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in obs.items():
+            arr = np.asarray(value)
+            if np.issubdtype(arr.dtype, np.floating):
+                arr = (arr * (1.0 + PERTURB_SCALE * rng.standard_normal(arr.shape))).astype(arr.dtype)
+            out[key] = arr
+        return out
+
+    return apply
+
+
 def rollout_policy(
     predict: Callable[[dict[str, np.ndarray], np.ndarray], np.ndarray],
     task: TaskSpec,
@@ -67,6 +100,7 @@ def rollout_policy(
     progress: bool = True,
     env_kwargs: dict[str, Any] | None = None,
     reset: Callable[[], None] | None = None,
+    perturb: int | None = None,
 ) -> RolloutResult:
     """Run one episode per seed with a chunking policy, ``batch`` episodes at a time.
 
@@ -85,6 +119,8 @@ def rollout_policy(
         batch: episodes stepped in lockstep.
         record_first: keep rendered frames of the first episode for a video.
         reset: called before every lockstep batch (new episodes start).
+        perturb: a perturbation seed: the policy sees observations with
+            rounding-level noise (``perturber``); None (default): exactly the env's.
     """
     start = time.perf_counter()
     results: list[EpisodeResult] = []
@@ -98,9 +134,10 @@ def rollout_policy(
                 envs.append(make(task, **(env_kwargs or {})))
             hist, done = [], [False] * len(chunk)
             score, success, length = [0.0] * len(chunk), [False] * len(chunk), [0] * len(chunk)
+            seen = [perturber(perturb, seed) for seed in chunk]
             for i, seed in enumerate(chunk):
                 obs, _ = envs[i].reset(seed=int(seed))
-                hist.append(deque([obs] * n_obs_steps, maxlen=n_obs_steps))
+                hist.append(deque([seen[i](obs)] * n_obs_steps, maxlen=n_obs_steps))
             if reset is not None:
                 reset()
             record = record_first and b0 == 0
@@ -114,7 +151,7 @@ def rollout_policy(
                         if done[i]:
                             continue
                         obs, _, terminated, truncated, info = envs[i].step(actions[j, k])
-                        hist[i].append(obs)
+                        hist[i].append(seen[i](obs))
                         length[i] += 1
                         score[i] = max(score[i], float(info.get("score", 0.0)))
                         success[i] = success[i] or bool(info.get("is_success", False))

@@ -274,8 +274,9 @@ def train(cfg) -> dict[str, Any]:
     anchor = None
     if cfg.get("anchor_obs"):
         if not hasattr(model, "set_teacher"):
-            raise ConfigError("anchor_obs feeds the consistency policy's endpoint term (DAgger); "
-                              f"policy={cfg.policy.name} has none: train with policy=consistency or drop anchor_obs")
+            raise ConfigError("anchor_obs gives a distilled student its own states to be taught at (DAgger); "
+                              f"policy={cfg.policy.name} has no teacher: train with policy=consistency or "
+                              "policy=onestep, or drop anchor_obs")
         spec = cfg.anchor_obs
         anchor = load_anchor_obs(spec if isinstance(spec, str) else [str(p) for p in spec],
                                  [*task.lowdim_keys, *task.image_keys])
