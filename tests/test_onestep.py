@@ -124,6 +124,23 @@ def test_onestep_policy_trains_against_its_teacher_and_acts_in_one_network_call(
         student.predict_action_chunk(obs, inpaint=(torch.zeros(1, 2, DA), torch.ones(2)))
 
 
+def test_regression_term_asks_the_teachers_own_sampler_from_the_same_input():
+    for weight in (0.0, 1.0):
+        student, teacher = _student(od_stochastic=True, od_regress_weight=weight)
+        student.set_teacher(teacher)
+        t_calls = _count_calls(teacher)
+        inputs = []
+        real_input = student._input
+        student._input = lambda *a, **k: inputs.append(real_input(*a, **k)) or inputs[-1]
+        batch = {"obs": _obs(4), "action": torch.rand(4, H, DA) * 2 - 1}
+        loss = student.compute_loss(batch, generator=torch.Generator().manual_seed(0))
+        # the KL term asks the teacher once; the regression runs its 3-step sampler from the generator's input
+        assert torch.isfinite(loss) and len(t_calls) == 1 + (teacher.config.num_inference_steps if weight else 0)
+        assert len(inputs) == 1 and float(inputs[0].std()) > 1.0  # sigma_max-scaled noise (OneDP-S)
+    with pytest.raises(ConfigError, match="od_regress_weight must be >= 0"):
+        _student(od_regress_weight=-1.0)
+
+
 def test_stochastic_generator_draws_its_noise():
     student, _ = _student(od_stochastic=True)
     obs = _obs()

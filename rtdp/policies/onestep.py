@@ -19,6 +19,13 @@ updates per generator update with its own AdamW optimiser (learning rate
 ``od_fake_lr``); it is part of training only, not of the checkpoint, and is
 rebuilt from the teacher when a run resumes.
 
+With ``od_regress_weight`` > 0 the loss also regresses the generator's
+answer onto the teacher's own sampler run from the same input (DMD's
+regression loss, Yin et al. 2024; in OneDP-D the teacher then starts from
+the zero input too). The KL term alone only asks that the student's actions
+be likely under the teacher; the regression ties each noise draw to the
+chunk the teacher would act with, as the consistency student's endpoint term does.
+
 Observations the student met in its own closed-loop rollouts
 (``rtdp train anchor_obs=PATH``, recorded by ``rtdp eval record_obs=PATH``)
 are asked the same question: the teacher's score there is the label, as in
@@ -32,7 +39,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from rtdp.core import get_sampler
 from rtdp.core.distill import denoising_loss, distribution_matching_loss
 from rtdp.core.edm import EDMDenoiser, sample_log_normal_sigma
 from rtdp.errors import ConfigError
@@ -51,6 +60,8 @@ class OneStepUnetConfig(EdmUnetConfig):
             zero input, one action chunk per observation (OneDP-D).
         od_fake_steps: auxiliary score-network updates per generator update.
         od_fake_lr: learning rate of the auxiliary score network's AdamW.
+        od_regress_weight: weight of the regression onto the teacher's own sampler
+            from the same input (DMD's regression loss); 0: the KL term alone (OneDP).
     """
 
     sampler: str = "euler"  # unused: the generator has no sampler (kept a core name, as PolicyConfig requires)
@@ -59,12 +70,16 @@ class OneStepUnetConfig(EdmUnetConfig):
     od_stochastic: bool = False
     od_fake_steps: int = 1
     od_fake_lr: float = 1e-4
+    od_regress_weight: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.od_stochastic = bool(self.od_stochastic)
         self.od_fake_steps = positive_int(self.od_fake_steps, "od_fake_steps")
         self.od_fake_lr = positive_float(self.od_fake_lr, "od_fake_lr")
+        self.od_regress_weight = float(self.od_regress_weight)
+        if not self.od_regress_weight >= 0.0:
+            raise ConfigError(f"od_regress_weight must be >= 0, got {self.od_regress_weight}")
         if self.num_inference_steps != 1:
             raise ConfigError(f"a one-step policy acts in 1 network evaluation, got num_inference_steps="
                               f"{self.num_inference_steps}")
@@ -125,13 +140,17 @@ class OneStepUnetPolicy(EdmUnetPolicy):
         return self.initial_noise(bsz, generator, noise).to(dtype) * cfg.sigma_max
 
     def generate(self, cond: torch.Tensor, generator: torch.Generator | None = None,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Action trajectories (B, T, Da), normalised and unclipped, with the generator's graph."""
+                 x_in: torch.Tensor | None = None) -> torch.Tensor:
+        """Action trajectories (B, T, Da), normalised and unclipped, with the generator's graph.
+
+        ``x_in``: the input at sigma_max (default: drawn by ``_input``).
+        """
         den = self.__dict__.get("_den_train")
         if den is None:
             den = EDMDenoiser(self._net, self.config.sigma_data, clip_x0=None)
             self.__dict__["_den_train"] = den
-        x_in = self._input(cond.shape[0], generator, cond.dtype, noise)
+        if x_in is None:
+            x_in = self._input(cond.shape[0], generator, cond.dtype)
         top = torch.full((cond.shape[0],), self.config.sigma_max, device=self.device, dtype=cond.dtype)
         return den(x_in, top, cond)
 
@@ -162,7 +181,8 @@ class OneStepUnetPolicy(EdmUnetPolicy):
         cfg = self.config
         bsz = next(iter(obs.values())).shape[0]
         cond, keep = self._training_cond(obs, bsz, generator)
-        x = self.generate(cond, generator)
+        x_in = self._input(bsz, generator, cond.dtype)
+        x = self.generate(cond, x_in=x_in)
         fake, fake_den, fake_opt, real_den = self._fake()
         with torch.no_grad():
             t_cond = teacher._encode(obs, random_crop=False, keep_goal=keep)
@@ -177,8 +197,14 @@ class OneStepUnetPolicy(EdmUnetPolicy):
             fake_opt.step()
         sigma = self._sigmas_for(bsz, generator)
         noise = self._randn(tuple(x.shape), generator, x.dtype)
-        return distribution_matching_loss(x, sigma, noise, real_den, fake_den, t_cond,
-                                          fake_cond=f_cond.detach())
+        loss = distribution_matching_loss(x, sigma, noise, real_den, fake_den, t_cond, fake_cond=f_cond.detach())
+        if cfg.od_regress_weight > 0.0:
+            with torch.no_grad():
+                name, steps = teacher.config.sampler, teacher.config.num_inference_steps
+                answer = get_sampler(name)(teacher._denoiser(), x_in, teacher._sigmas(name, steps).to(x.dtype),
+                                           cond=t_cond, generator=generator)
+            loss = loss + cfg.od_regress_weight * F.mse_loss(x, answer)
+        return loss
 
     def _sigmas_for(self, bsz: int, generator: torch.Generator | None) -> torch.Tensor:
         """(B,) levels where the two distributions are compared: the teacher's training distribution."""

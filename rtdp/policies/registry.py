@@ -306,7 +306,7 @@ def _register_builtins() -> None:
     register_family(PolicyFamily(
         name="onestep", policy_class=OneStepUnetPolicy, settings={"onestep": None}, core_samplers=False,
         default_setting=lambda p: "onestep", bench_configs=("onestep-1",),
-        cli_fields=("od_stochastic", "od_fake_steps", "od_fake_lr"), cli_extras=_DISTILLED,
+        cli_fields=("od_stochastic", "od_fake_steps", "od_fake_lr", "od_regress_weight"), cli_extras=_DISTILLED,
         build=_build_distilled, unet_sizes=True,
         description="one-step policy distilled from an EDM policy by distribution matching (OneDP)"))
     register_family(PolicyFamily(
