@@ -184,20 +184,20 @@ class OneStepUnetPolicy(EdmUnetPolicy):
         x_in = self._input(bsz, generator, cond.dtype)
         x = self.generate(cond, x_in=x_in)
         fake, fake_den, fake_opt, real_den = self._fake()
-        with torch.no_grad():
+        with torch.no_grad():  # neither encoder trains here: the conditioning is built once, without a graph
             t_cond = teacher._encode(obs, random_crop=False, keep_goal=keep)
-        f_cond = fake._encode(obs, random_crop=False, keep_goal=keep)
+            f_cond = fake._encode(obs, random_crop=False, keep_goal=keep)
         for _ in range(cfg.od_fake_steps):
             # the auxiliary network follows the generator (its samples, no gradient into them)
             sigma = self._sigmas_for(bsz, generator)
             noise = self._randn(tuple(x.shape), generator, x.dtype)
-            fake_loss = denoising_loss(fake_den, x, sigma, noise, f_cond.detach(), cfg.sigma_data)
+            fake_loss = denoising_loss(fake_den, x, sigma, noise, f_cond, cfg.sigma_data)
             fake_opt.zero_grad(set_to_none=True)
             fake_loss.backward()
             fake_opt.step()
         sigma = self._sigmas_for(bsz, generator)
         noise = self._randn(tuple(x.shape), generator, x.dtype)
-        loss = distribution_matching_loss(x, sigma, noise, real_den, fake_den, t_cond, fake_cond=f_cond.detach())
+        loss = distribution_matching_loss(x, sigma, noise, real_den, fake_den, t_cond, fake_cond=f_cond)
         if cfg.od_regress_weight > 0.0:
             with torch.no_grad():
                 name, steps = teacher.config.sampler, teacher.config.num_inference_steps

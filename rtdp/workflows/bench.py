@@ -500,7 +500,7 @@ def run(cfg) -> dict[str, Any]:
         fresh_tasks={"lowdim": str(cfg.fresh_task), "image": str(cfg.fresh_image_task)},
         calibration_dir=str(cfg.calibration_dir),
         anchor_data=None if cfg.get("anchor_data") is None else str(cfg.anchor_data),
-        perturb=[int(p) for p in cfg.get("perturb") or []],
+        perturb=list(cfg.get("perturb") or []),
     )
     print_bench(report)
     if cfg.json:
